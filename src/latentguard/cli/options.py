@@ -1,0 +1,77 @@
+"""Build click options from a config dataclass; `--config run.yaml` supplies defaults, flags win."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from latentguard.errors import ConfigError
+
+__all__ = ["config_options", "build_config"]
+
+C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _click_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _click_type(args[0]) if len(args) == 1 else (str, False)
+    if tp is bool:
+        return bool, True
+    if tp in (int, float, str):
+        return tp, False
+    return str, False
+
+
+def config_options(cls: type[Any]) -> Callable[[F], F]:
+    """Decorator adding one option per dataclass field (help from `metadata["help"]`) plus `--config`."""
+    hints = typing.get_type_hints(cls)
+
+    def deco(f: F) -> F:
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.metadata.get("cli") is False:
+                continue
+            tp, is_flag = _click_type(hints[fld.name])
+            decl = f"{_flag(fld.name)}/--no-{fld.name.replace('_', '-')}" if is_flag else _flag(fld.name)
+            f = click.option(decl, fld.name, type=None if is_flag else tp, default=None,
+                             help=fld.metadata.get("help", ""), show_default=False)(f)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            default=None, help="YAML file of settings; flags given here win.")(f)
+
+    return deco
+
+
+def build_config(cls: type[C], config_file: str | None, flags: dict[str, Any]) -> C:
+    """Merge YAML settings and explicit flags (flags win) into `cls`; names unknown keys."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {path} is not valid YAML ({e}); fix its syntax.") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of settings.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ConfigError(f"Unknown settings {unknown} in {path}; known: {sorted(names)}.")
+        values.update(loaded)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return cls(**values)

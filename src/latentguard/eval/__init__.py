@@ -1,0 +1,1 @@
+"""Evaluation: datasets, generation, judges, metrics, runner and HTML reports."""
