@@ -1,0 +1,36 @@
+"""`latentguard list KIND`: print a registry (defenses, judges, datasets) or the hook sites."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from latentguard.hooks import SITE_KINDS
+from latentguard.registry import Registry, load_plugins
+
+# kind -> (module that defines the registry, attribute)
+_REGISTRIES = {
+    "defenses": ("latentguard.defenses", "DEFENSES"),
+    "judges": ("latentguard.eval.judges", "JUDGES"),
+    "datasets": ("latentguard.eval.datasets", "DATASETS"),
+}
+
+
+def _registry(kind: str) -> Registry[object]:
+    module, attr = _REGISTRIES[kind]
+    mod = importlib.import_module(module)
+    if kind == "defenses":
+        mod._import_builtin()  # noqa: SLF001 - registration happens on import
+    return getattr(mod, attr)
+
+
+@click.command("list")
+@click.argument("kind", type=click.Choice([*_REGISTRIES, "sites"]))
+def command(kind: str) -> int:
+    """List registered defenses, judges, datasets, or the hook site kinds."""
+    load_plugins()
+    names = list(SITE_KINDS) if kind == "sites" else _registry(kind).names()
+    for name in names:
+        click.echo(name)
+    return 0
