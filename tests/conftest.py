@@ -18,6 +18,8 @@ from transformers import (
     Qwen2Config,
 )
 
+pytest_plugins = ["tests.serve.server_fixture"]
+
 torch.set_num_threads(int(os.environ.get("LATENTGUARD_TEST_THREADS", "1")))
 
 ASSETS = Path(__file__).parent / "assets"
