@@ -44,7 +44,8 @@ META_FILE = "meta.json"
 
 
 class _ModelStamp(Protocol):
-    fingerprint: str
+    @property
+    def fingerprint(self) -> str: ...
 
     def as_meta(self) -> dict[str, Any]: ...
 
