@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, ratio, write_result  # noqa: E402
+from _common import interleaved, ratio, write_result
 
-from latentguard.eval.datasets import read_prompts, shared_data_dir  # noqa: E402
-from latentguard.hooks import capture, encode_batch  # noqa: E402
-from latentguard.models import format_prompts, load_model  # noqa: E402
+from latentguard.eval.datasets import read_prompts, shared_data_dir
+from latentguard.hooks import capture, encode_batch
+from latentguard.models import format_prompts, load_model
 
 
 def main() -> None:

@@ -61,16 +61,14 @@ def test_not_an_artifact_and_corrupt(tmp_path):
 
 def test_staged_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with staged_dir(out) as tmp:
-            (tmp / "half.json").write_text("{}")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
+        (tmp / "half.json").write_text("{}")
+        raise RuntimeError("killed")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with staged_dir(out) as tmp:
         (tmp / "a.txt").write_text("1")
-    with pytest.raises(OutputExistsError, match="pass --overwrite"):
-        with staged_dir(out):
-            pass
+    with pytest.raises(OutputExistsError, match="pass --overwrite"), staged_dir(out):
+        pass
     with staged_dir(out, overwrite=True) as tmp:
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]

@@ -29,12 +29,12 @@ from latentguard import __version__
 from latentguard.errors import ArtifactError, OutputExistsError
 
 __all__ = [
-    "Artifact",
     "SCHEMA_VERSION",
-    "staged_dir",
-    "sha256_of_texts",
-    "sha256_of_file",
+    "Artifact",
     "git_commit",
+    "sha256_of_file",
+    "sha256_of_texts",
+    "staged_dir",
     "write_json",
 ]
 

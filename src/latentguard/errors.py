@@ -1,13 +1,13 @@
 """Errors raised by latentguard. Every message names the value and the fix."""
 
 __all__ = [
-    "LatentGuardError",
-    "ConfigError",
     "ArtifactError",
-    "UnsupportedModelError",
-    "ModelNotFoundError",
+    "ConfigError",
     "DataError",
+    "LatentGuardError",
+    "ModelNotFoundError",
     "OutputExistsError",
+    "UnsupportedModelError",
 ]
 
 

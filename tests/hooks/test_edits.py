@@ -69,12 +69,10 @@ def test_projection_is_zero_after_ablation(tiny_model, tiny_tokenizer):
 def test_edits_remove_hooks_on_error(tiny_model):
     before = count_hooks(tiny_model)
     d = tiny_model.config.get_text_config().hidden_size
-    with pytest.raises(RuntimeError):
-        with project_out(tiny_model, torch.ones(d)):
-            raise RuntimeError("forced")
-    with pytest.raises(RuntimeError):
-        with add_vectors(tiny_model, {"resid_pre.0": torch.ones(d)}):
-            raise RuntimeError("forced")
+    with pytest.raises(RuntimeError), project_out(tiny_model, torch.ones(d)):
+        raise RuntimeError("forced")
+    with pytest.raises(RuntimeError), add_vectors(tiny_model, {"resid_pre.0": torch.ones(d)}):
+        raise RuntimeError("forced")
     assert count_hooks(tiny_model) == before
 
 

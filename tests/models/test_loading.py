@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from latentguard.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
-from latentguard.models import arch_of, eoi_token_ids, fingerprint, format_prompts, load_model, model_info
+from latentguard.models import (
+    arch_of,
+    eoi_token_ids,
+    fingerprint,
+    format_prompts,
+    load_model,
+    model_info,
+)
 from tests.conftest import build_tiny
 
 

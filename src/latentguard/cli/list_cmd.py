@@ -21,7 +21,7 @@ def _registry(kind: str) -> Registry[object]:
     module, attr = _REGISTRIES[kind]
     mod = importlib.import_module(module)
     if kind == "defenses":
-        mod._import_builtin()  # noqa: SLF001 - registration happens on import
+        mod._import_builtin()
     return getattr(mod, attr)
 
 

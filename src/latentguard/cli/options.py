@@ -14,7 +14,7 @@ import yaml
 
 from latentguard.errors import ConfigError
 
-__all__ = ["config_options", "build_config"]
+__all__ = ["build_config", "config_options"]
 
 C = TypeVar("C")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -25,7 +25,7 @@ from latentguard.errors import ConfigError, DataError
 from latentguard.hooks import collect
 from latentguard.models import LoadedModel, arch_of, eoi_token_ids, format_prompts
 
-__all__ = ["ScanConfig", "ScanResult", "scan_model", "SCAN_SCHEMA"]
+__all__ = ["SCAN_SCHEMA", "ScanConfig", "ScanResult", "scan_model"]
 
 SCAN_SCHEMA = 1
 
@@ -162,7 +162,7 @@ def scan_model(loaded: LoadedModel, harmful: list[str], harmless: list[str], cfg
     summary = {
         "schema": SCAN_SCHEMA,
         "model": loaded.info.as_meta(),
-        "settings": {**cfg.__dict__, "n_harmful": len(harmful), "n_harmless": len(harmless), "n_test": int(len(split[1]))},
+        "settings": {**cfg.__dict__, "n_harmful": len(harmful), "n_harmless": len(harmless), "n_test": len(split[1])},
         "positions": {"eoi_token_ids": eoi_token_ids(tok), "probe": "last prompt token", "site": "resid_pre"},
         "refusal_token_ids": ids,
         "refusal_metric": {

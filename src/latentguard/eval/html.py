@@ -12,10 +12,10 @@ import jinja2
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-__all__ = ["render", "fig_to_svg", "new_figure"]
+__all__ = ["fig_to_svg", "new_figure", "render"]
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("latentguard.eval", "templates"),

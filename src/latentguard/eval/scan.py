@@ -19,7 +19,7 @@ from latentguard.eval.datasets import read_records, sample, shared_data_dir
 from latentguard.eval.html import fig_to_svg, new_figure, render
 from latentguard.models import load_model
 
-__all__ = ["ScanRunConfig", "run_scan", "render_scan_report"]
+__all__ = ["ScanRunConfig", "render_scan_report", "run_scan"]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from latentguard.errors import ConfigError
 from latentguard.hooks.sites import Site, all_sites, hook_site, parse_sites
 
-__all__ = ["edit", "add_vectors", "project_out", "ablation_sites"]
+__all__ = ["ablation_sites", "add_vectors", "edit", "project_out"]
 
 
 def _param_like(model: nn.Module) -> Tensor:
@@ -45,7 +45,7 @@ def _check_finite(name: str, value: float | Tensor) -> None:
 
 @contextmanager
 def add_vectors(
-    model: nn.Module, vectors: Mapping[str | Site, Float[Tensor, "..."]], alpha: float = 1.0
+    model: nn.Module, vectors: Mapping[str | Site, Float[Tensor, ...]], alpha: float = 1.0
 ) -> Iterator[None]:
     """Add `alpha * vector` at every position of each site (activation addition).
 

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from latentguard.errors import ConfigError
 from latentguard.models.arch import arch_of, normalize_layer, text_config
 
-__all__ = ["Site", "SITE_KINDS", "parse_site", "parse_sites", "hook_site", "count_hooks", "all_sites"]
+__all__ = ["SITE_KINDS", "Site", "all_sites", "count_hooks", "hook_site", "parse_site", "parse_sites"]
 
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
 
@@ -119,5 +119,5 @@ def hook_site(model: nn.Module, site: Site, fn: ActivationFn) -> RemovableHandle
 def count_hooks(model: nn.Module) -> int:
     """Forward and pre-forward hooks attached anywhere in `model` (for leak checks)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()  # noqa: SLF001
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
     )

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from latentguard.errors import ConfigError, DataError
 from latentguard.hooks.sites import Site, hook_site, parse_sites
 
-__all__ = ["capture", "collect", "Batch", "encode_batch", "position_ids_from_mask", "POSITIONS"]
+__all__ = ["POSITIONS", "Batch", "capture", "collect", "encode_batch", "position_ids_from_mask"]
 
 POSITIONS = ("last", "mean", "response_mean", "response_tokens")
 Positions = str | Sequence[int]

@@ -14,7 +14,19 @@ from latentguard.models.loading import (
 )
 
 __all__ = [
-    "ARCHS", "ArchSpec", "arch_of", "normalize_layer", "text_config", "eoi_token_ids",
-    "format_prompts", "EMBEDDED", "LoadedModel", "ModelInfo", "cache_dir", "embedded_gguf",
-    "fingerprint", "load_model", "model_info",
+    "ARCHS",
+    "EMBEDDED",
+    "ArchSpec",
+    "LoadedModel",
+    "ModelInfo",
+    "arch_of",
+    "cache_dir",
+    "embedded_gguf",
+    "eoi_token_ids",
+    "fingerprint",
+    "format_prompts",
+    "load_model",
+    "model_info",
+    "normalize_layer",
+    "text_config",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from latentguard.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["ArchSpec", "ARCHS", "arch_of", "text_config", "normalize_layer"]
+__all__ = ["ARCHS", "ArchSpec", "arch_of", "normalize_layer", "text_config"]
 
 
 @dataclass(frozen=True)

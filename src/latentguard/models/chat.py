@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from latentguard.errors import ConfigError
 
-__all__ = ["format_prompts", "eoi_token_ids", "ChatPair"]
+__all__ = ["ChatPair", "eoi_token_ids", "format_prompts"]
 
 ChatPair = tuple[str, str]
 _PLACEHOLDER = "\x00LATENTGUARD_INSTRUCTION\x00"

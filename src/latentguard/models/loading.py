@@ -19,21 +19,26 @@ from typing import Any
 import torch
 from filelock import FileLock
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from latentguard.artifacts import staged_dir, write_json
 from latentguard.errors import ModelNotFoundError
 from latentguard.models.arch import arch_of, text_config
 
 __all__ = [
-    "ModelInfo",
+    "EMBEDDED",
     "LoadedModel",
+    "ModelInfo",
+    "cache_dir",
+    "embedded_gguf",
+    "fingerprint",
     "load_model",
     "model_info",
-    "fingerprint",
-    "embedded_gguf",
-    "cache_dir",
-    "EMBEDDED",
 ]
 
 EMBEDDED = "embedded"
