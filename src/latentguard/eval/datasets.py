@@ -29,20 +29,20 @@ from latentguard.errors import ConfigError, DataError
 from latentguard.registry import Registry
 
 __all__ = [
-    "Record",
-    "shared_data_dir",
-    "read_records",
-    "read_prompts",
-    "sample",
-    "normalize_text",
-    "dedupe_against",
-    "Dataset",
     "DATASETS",
     "ROLES",
     "SUITE_DEFAULTS",
-    "user_dataset",
+    "Dataset",
+    "Record",
+    "dedupe_against",
+    "normalize_text",
+    "read_prompts",
+    "read_records",
     "resolve_dataset",
+    "sample",
     "select_datasets",
+    "shared_data_dir",
+    "user_dataset",
 ]
 
 ROLES = ("harmful", "overrefusal", "utility")
@@ -298,6 +298,10 @@ def _advbench_heldout() -> list[Record]:
     return [dataclasses.replace(r, source="advbench-heldout") for r in kept]  # ids stay AdvBench rows
 
 
+def _has_label(row: dict[str, Any], label: str) -> bool:
+    return bool(row["label"] == label)
+
+
 def _register_builtin() -> None:
     _add("advbench", "harmful", "AdvBench harmful_behaviors.csv goals (520)",
          functools.partial(_read_shared, "advbench", "advbench/harmful_behaviors.csv", "goal", extra={"target": "target"}))
@@ -311,7 +315,7 @@ def _register_builtin() -> None:
         _add(f"xstest-{label}", role, f"XSTest {label} prompts ({n}); category = type",
              functools.partial(_read_shared, f"xstest-{label}", "xstest/xstest_prompts.csv", "prompt", ids="id",
                                category="type", extra={"focus": "focus", "note": "note"},
-                               keep=lambda r, lab=label: r["label"] == lab))
+                               keep=functools.partial(_has_label, label=label)))
     for split in ("test", "train"):
         _add(f"gsm8k-{split}", "utility", f"GSM8K {split} questions; extra.answer is the reference",
              functools.partial(_read_shared, f"gsm8k-{split}", f"gsm8k/{split}.jsonl", "question", extra={"answer": "answer"}))
