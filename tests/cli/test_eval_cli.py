@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_eval_writes_every_file(run_dir):
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "generations.jsonl", "judgements.jsonl", "nll.jsonl", "run.json", "summary.json"]
+        "generations.jsonl", "judgements.jsonl", "nll.jsonl", "report.html", "run.json", "summary.json"]
     gens = _jsonl(run_dir / "generations.jsonl")
     assert len(gens) == 6 and {g["dataset"] for g in gens} == {"advbench-heldout", "xstest-safe", "gsm8k-test"}
     assert all(g["settings"]["max_new_tokens"] == 8 and g["response"] for g in gens)

@@ -22,6 +22,7 @@ def runs(tmp_path_factory, embedded) -> list[Path]:
     plain, steered = root / "plain", root / "steered"
     assert main(["eval", "--model", "embedded", *EVAL, "--out", str(plain)]) == 0
     assert main(["eval", "--model", "embedded", "--defense", f"add:{root / 'dir'},alpha=4", *EVAL, "--out", str(steered)]) == 0
+    assert (plain / "report.html").is_file() and (steered / "report.html").is_file()  # eval renders its own
     return [plain, steered]
 
 

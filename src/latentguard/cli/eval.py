@@ -67,4 +67,5 @@ def command(config_file: str | None, defense: tuple[str, ...], **flags: Any) -> 
     cfg.judge_options = {**cfg.judge_options, **{k: v for k, v in judge_flags.items() if v is not None}}
     out = run_eval(cfg)
     click.echo(f"wrote {out}/summary.json, {out}/generations.jsonl, {out}/judgements.jsonl, {out}/run.json")
+    click.echo(f"report: {(out / 'report.html').resolve()}")
     return 0

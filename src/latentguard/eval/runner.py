@@ -43,6 +43,7 @@ from latentguard.eval.metrics import (
     score_metrics,
     utility_metrics,
 )
+from latentguard.eval.report import write_eval_report
 from latentguard.models import LoadedModel, format_prompts, load_model
 
 __all__ = ["SUMMARY_SCHEMA", "EvalConfig", "run_eval", "summarize"]
@@ -253,6 +254,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     finally:
         _close(judges)
     write_json(out / "summary.json", summarize(meta, {n: d for n, (d, _) in data.items()}, results, nll))
+    write_eval_report([out], out / "report.html")
     return out
 
 
