@@ -84,4 +84,6 @@ def apply_defenses(model: nn.Module, defenses: Sequence[Defense]) -> Iterator[No
 
 def _import_builtin() -> None:
     """Import the modules that register built-in defences (registration happens on import)."""
-    from latentguard.defenses import steering  # noqa: F401
+    from latentguard.defenses import conditional, steering  # noqa: F401
+    from latentguard.defenses import safetylock  # noqa: F401
+    from latentguard.defenses import pas  # noqa: F401

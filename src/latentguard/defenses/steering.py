@@ -46,9 +46,11 @@ def load_direction(path: str, loaded: LoadedModel, layer: int | None) -> tuple[T
     if art.kind == "refusal_direction":
         default = int(art.meta["layer"])
         l = normalize_layer(layer if layer is not None else default, n_layers)
-        if l != default:
+        if l == default:
+            return art.tensors["direction"].float(), l, art
+        if "candidates" not in art.tensors:  # `direction extract` keeps every candidate [P, L, d]
             raise ConfigError(f"{path} holds one direction, from layer {default}; drop layer= or pass a scan artefact.")
-        return art.tensors["direction"].float(), l, art
+        return art.tensors["candidates"][int(art.meta["position_index"]), l].float(), l, art
     l = normalize_layer(layer if layer is not None else int(art.meta["best_layer"]), n_layers)
     return art.tensors["directions"][l].float(), l, art
 

@@ -5,5 +5,11 @@ from latentguard.directions.probes import ProbeResult, fit_probe
 from latentguard.directions.scan import ScanConfig, ScanResult, scan_model
 
 __all__ = [
-    "refusal_metric", "refusal_token_ids", "ProbeResult", "fit_probe", "ScanConfig", "ScanResult", "scan_model",
+    "ProbeResult",
+    "ScanConfig",
+    "ScanResult",
+    "fit_probe",
+    "refusal_metric",
+    "refusal_token_ids",
+    "scan_model",
 ]
