@@ -8,14 +8,13 @@ only accepted when its judge is in `--judge`.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from latentguard.cli.options import build_config, config_options
+from latentguard.cli.options import build_config, config_options, field_option
 from latentguard.eval.judges import JUDGES
 from latentguard.eval.runner import EvalConfig, run_eval
 
@@ -38,20 +37,9 @@ def _judge_fields() -> list[tuple[str, dataclasses.Field[Any], Any]]:
     return out
 
 
-def _scalar(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else str
-    return tp if tp in (bool, int, float, str) else str
-
-
 def _judge_options(f: F) -> F:
     for judge, fld, tp in reversed(_judge_fields()):
-        flag = "--" + fld.name.replace("_", "-")
-        kind = _scalar(tp)
-        decl = f"{flag}/--no-{fld.name.replace('_', '-')}" if kind is bool else flag
-        f = click.option(decl, fld.name, type=None if kind is bool else kind, default=None,
-                         help=f"[{judge} judge] {fld.metadata.get('help', '')}")(f)
+        f = field_option(fld.name, tp, f"[{judge} judge] {fld.metadata.get('help', '')}")(f)
     return f
 
 

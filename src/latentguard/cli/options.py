@@ -37,18 +37,21 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
     return str, False
 
 
+def field_option(name: str, tp: Any, help_: str) -> Callable[[F], F]:
+    """A click option for a config field of type `tp`: `--x/--no-x` for bools, None default (unset)."""
+    click_tp, is_flag = _click_type(tp)
+    decl = f"{_flag(name)}/--no-{name.replace('_', '-')}" if is_flag else _flag(name)
+    return click.option(decl, name, type=None if is_flag else click_tp, default=None, help=help_, show_default=False)
+
+
 def config_options(cls: type[Any]) -> Callable[[F], F]:
     """Decorator adding one option per dataclass field (help from `metadata["help"]`) plus `--config`."""
     hints = typing.get_type_hints(cls)
 
     def deco(f: F) -> F:
         for fld in reversed(dataclasses.fields(cls)):
-            if fld.metadata.get("cli") is False:
-                continue
-            tp, is_flag = _click_type(hints[fld.name])
-            decl = f"{_flag(fld.name)}/--no-{fld.name.replace('_', '-')}" if is_flag else _flag(fld.name)
-            f = click.option(decl, fld.name, type=None if is_flag else tp, default=None,
-                             help=fld.metadata.get("help", ""), show_default=False)(f)
+            if fld.metadata.get("cli") is not False:
+                f = field_option(fld.name, hints[fld.name], fld.metadata.get("help", ""))(f)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                             default=None, help="YAML file of settings; flags given here win.")(f)
 
