@@ -1,0 +1,110 @@
+"""`latentguard train`: fine-tune with a registered method (sft, ...) on a mix of data sets.
+
+Flags: latentguard's `TrainConfig` fields, every registered method's own config fields, and
+short names for the usual trl fields (`--epochs --lr --batch-size --grad-accum --max-len --seed`).
+`--config run.yaml` may set any `SFTConfig` field. Runs unchanged under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from trl import SFTConfig
+
+from latentguard.cli.options import build_config
+from latentguard.errors import ConfigError, DataError
+from latentguard.eval.datasets import shared_data_dir
+from latentguard.registry import load_plugins
+from latentguard.training import METHODS, TrainConfig, train
+
+__all__ = ["command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# short flag -> SFTConfig field
+_ALIASES = {
+    "out": "output_dir", "epochs": "num_train_epochs", "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+    "max_len": "max_length", "seed": "seed", "max_steps": "max_steps", "save_steps": "save_steps",
+    "warmup_steps": "warmup_steps",
+}
+
+
+def _own_fields(cls: type[Any], base: type[Any]) -> list[str]:
+    """Fields a class declares itself (not inherited from `base`), minus the aliased trl fields."""
+    names = {f.name for f in dataclasses.fields(base)}
+    return [n for n in cls.__annotations__ if n not in names]
+
+
+def _flag_fields() -> list[tuple[str, str, Any, str]]:
+    """(flag name, config field, type, help) for every flag `train` accepts."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = [(a, f, hints[f], fields[f].metadata.get("help", "")) for a, f in _ALIASES.items()]
+    out += [(n, n, hints[n], fields[n].metadata.get("help", "")) for n in _own_fields(TrainConfig, SFTConfig)]
+    for name in METHODS.names():
+        cls = METHODS.get(name).config_cls
+        if cls is TrainConfig:
+            continue
+        h, fs = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+        out += [(n, n, h[n], f"[{name}] " + fs[n].metadata.get("help", "")) for n in _own_fields(cls, TrainConfig)
+                if n not in {o[0] for o in out}]
+    return out
+
+
+def _scalar(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+    return tp if tp in (bool, int, float, str) else str
+
+
+def _options(f: F) -> F:
+    for flag, _, tp, help_ in reversed(_flag_fields()):
+        decl = "--" + flag.replace("_", "-")
+        if typing.get_origin(tp) is list:
+            f = click.option(decl, flag, multiple=True, help=help_)(f)
+        elif _scalar(tp) is bool:
+            f = click.option(f"{decl}/--no-{flag.replace('_', '-')}", flag, default=None, help=help_)(f)
+        else:
+            f = click.option(decl, flag, type=_scalar(tp), default=None, help=help_)(f)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                        help="YAML of settings (any SFTConfig field); flags given here win.")(f)
+
+
+def _config(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
+    values = {field: flags[flag] or None if isinstance(flags[flag], tuple) else flags[flag]
+              for flag, field, _, _ in _flag_fields()}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    load_plugins()
+    method = values.get("method") or "sft"
+    cls = METHODS.get(method).config_cls
+    known = {f.name for f in dataclasses.fields(cls)}
+    stray = sorted(k for k, v in values.items() if v is not None and k not in known)
+    if stray:
+        raise ConfigError(f"--{stray[0].replace('_', '-')} does not apply to method {method!r}; drop it or pick its method.")
+    if values.get("data_dir") is None:
+        try:
+            values["data_dir"] = str(shared_data_dir())
+        except DataError:
+            pass  # named sets then raise, naming LATENTGUARD_SHARED_DATA
+    return build_config(cls, config_file, values)
+
+
+@click.command("train")
+@_options
+def command(config_file: str | None, **flags: Any) -> int:
+    """Fine-tune a model (LoRA by default); resumable with --resume; see docs/training.md."""
+    cfg = _config(config_file, flags)
+    result = train(cfg)
+    if cfg.process_index == 0:
+        adapter = "model" if cfg.full else "adapter"
+        click.echo(f"wrote {result.out}/{adapter}, {result.out}/log.jsonl, {result.out}/loss.png")
+        if not cfg.full:
+            click.echo(f"merge: latentguard merge {result.out} --out MERGED")
+    return 0

@@ -1,0 +1,48 @@
+"""Fine-tuning on trl + PEFT: a method registry, data mixing, live hidden-state losses, runs, merge.
+
+`train(TrainConfig(...))` runs one job; `METHODS` holds `sft` and later methods; `LOSSES` holds
+pure loss functions; `merge_run` turns a LoRA run into a plain Hugging Face checkpoint.
+"""
+
+from latentguard.training.capture import capture_live
+from latentguard.training.config import LoraSpec, TrainConfig, parse_lora
+from latentguard.training.data import (
+    TRAIN_SETS,
+    DataSpec,
+    Pair,
+    load_spec,
+    parse_data_spec,
+    read_pairs,
+)
+from latentguard.training.losses import LOSSES, projection_loss, projections
+from latentguard.training.merge import merge_run
+from latentguard.training.methods import METHODS, TrainBatch, TrainingMethod
+from latentguard.training.mixing import MixtureSampler, epoch_plan, per_epoch_count
+from latentguard.training.run import TrainResult, train
+from latentguard.training.trainer import LatentGuardTrainer
+
+__all__ = [
+    "LOSSES",
+    "METHODS",
+    "TRAIN_SETS",
+    "DataSpec",
+    "LatentGuardTrainer",
+    "LoraSpec",
+    "MixtureSampler",
+    "Pair",
+    "TrainBatch",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingMethod",
+    "capture_live",
+    "epoch_plan",
+    "load_spec",
+    "merge_run",
+    "parse_data_spec",
+    "parse_lora",
+    "per_epoch_count",
+    "projection_loss",
+    "projections",
+    "read_pairs",
+    "train",
+]
