@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow browser bench clean
+.PHONY: install demo test test-slow browser bench refs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,7 +40,11 @@ test-slow: install browser
 	$(BIN)/python -m pytest -m slow
 
 bench: install
-	$(BIN)/python benchmarks/bench_taps.py
+	for b in taps eval steer train lock; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+
+# Reference models (aligned = smollm2-135m-safe, aligned-ift, aligned-harmfulft): ~40 CPU-minutes, resumable.
+refs: install
+	$(BIN)/latentguard reference build --out refs
 
 clean:
 	rm -rf out .pytest_cache

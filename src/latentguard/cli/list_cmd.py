@@ -1,4 +1,4 @@
-"""`latentguard list KIND`: print a registry (defenses, judges, datasets) or the hook sites."""
+"""`latentguard list KIND`: print a registry or the hook sites."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ _REGISTRIES = {
     "defenses": ("latentguard.defenses", "DEFENSES"),
     "judges": ("latentguard.eval.judges", "JUDGES"),
     "datasets": ("latentguard.eval.datasets", "DATASETS"),
+    "methods": ("latentguard.training", "METHODS"),
+    "losses": ("latentguard.training", "LOSSES"),
+    "training-sets": ("latentguard.training", "TRAIN_SETS"),
 }
 
 
@@ -28,7 +31,7 @@ def _registry(kind: str) -> Registry[object]:
 @click.command("list")
 @click.argument("kind", type=click.Choice([*_REGISTRIES, "sites"]))
 def command(kind: str) -> int:
-    """List registered defenses, judges, datasets, or the hook site kinds."""
+    """List a registry (defenses, judges, datasets, methods, losses, training-sets) or the hook site kinds."""
     load_plugins()
     names = list(SITE_KINDS) if kind == "sites" else _registry(kind).names()
     for name in names:

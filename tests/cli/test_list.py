@@ -1,0 +1,23 @@
+"""`latentguard list` prints the registries, so the CLI never hard-codes method names."""
+
+from __future__ import annotations
+
+import pytest
+
+from latentguard.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("defenses", {"add", "ablate", "conditional"}), ("judges", {"keyword", "llm", "direction"}),
+     ("datasets", {"advbench-heldout", "xstest-safe", "gsm8k-test"}), ("methods", {"sft"}),
+     ("sites", {"resid_pre", "head_out"}), ("training-sets", {"gsm8k-train", "safety"})],
+)
+def test_list_prints_registry(kind, expected, capsys):
+    assert main(["list", kind]) == 0
+    assert expected <= set(capsys.readouterr().out.split())
+
+
+def test_list_unknown_kind(capsys):
+    assert main(["list", "attacks"]) == 2
+    assert "Invalid value for '{defenses|judges" in capsys.readouterr().err
