@@ -12,9 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
@@ -148,17 +150,33 @@ def _resolve(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, {}
 
 
-def _from_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-    except Exception as e:  # the hub client raises many types for "unreachable"/"not found"
-        raise ModelNotFoundError(
-            f"Cannot load {spec!r}: it is not a local path and the Hugging Face hub is unreachable or "
-            f"lacks it ({type(e).__name__}); download it where the hub is reachable and pass the local "
-            "directory with --model PATH, or use --model embedded."
-        ) from e
-    return model, tok
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _from_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load from the local hub cache, else download when the hub answers; else a one-line error."""
+    attempts = [{"local_files_only": True}] + ([{}] if _hub_reachable() else [])
+    last: Exception | None = None
+    for kwargs in attempts:
+        try:
+            tok = AutoTokenizer.from_pretrained(spec, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **kwargs), tok
+        except Exception as e:  # noqa: BLE001 - the hub client raises many types for "unreachable"/"not found"
+            last = e
+    raise ModelNotFoundError(
+        f"Cannot load {spec!r}: it is not a local path, not in the local hub cache, and the Hugging Face "
+        f"hub is unreachable or lacks it ({type(last).__name__}); download it where the hub is reachable "
+        "and pass the local directory with --model PATH, or use --model embedded."
+    ) from last
 
 
 def load_model(
