@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from latentguard.errors import ConfigError
-from latentguard.hooks.sites import Site, all_sites, hook_site, parse_sites
+from latentguard.hooks.sites import ActivationFn, Site, all_sites, hook_site, parse_sites
 
 __all__ = ["ablation_sites", "add_vectors", "edit", "project_out"]
 
@@ -25,8 +25,9 @@ def _param_like(model: nn.Module) -> Tensor:
 
 
 @contextmanager
-def edit(model: nn.Module, fns: Mapping[str | Site, Callable[[Tensor], Tensor]]) -> Iterator[None]:
-    """Apply `fn(activation) -> new activation` at each site for every forward inside the block."""
+def edit(model: nn.Module, fns: Mapping[str | Site, ActivationFn]) -> Iterator[None]:
+    """Apply `fn(activation)` at each site for every forward inside the block; a fn that returns
+    None only reads (taps), one that returns a tensor replaces the activation (edits)."""
     sites = parse_sites(model, list(fns))
     handles: list[RemovableHandle] = []
     try:

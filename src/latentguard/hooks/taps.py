@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from latentguard.errors import ConfigError, DataError
-from latentguard.hooks.sites import Site, hook_site, parse_sites
+from latentguard.hooks.edits import edit
+from latentguard.hooks.sites import Site, parse_sites
 
 __all__ = ["POSITIONS", "Batch", "capture", "collect", "encode_batch", "position_ids_from_mask"]
 
@@ -116,9 +116,8 @@ def capture(
     Yields `{site: [tensor per forward]}`; each tensor is `reduce(activation)` (default: the
     whole activation), detached and moved to CPU float32. Hooks are removed on exit, also on error.
     """
-    parsed = parse_sites(model, list(sites))
-    records: dict[str, list[Tensor]] = {str(s): [] for s in parsed}
-    handles: list[RemovableHandle] = []
+    keys = [str(s) for s in parse_sites(model, list(sites))]
+    records: dict[str, list[Tensor]] = {k: [] for k in keys}
 
     def recorder(key: str) -> Callable[[Tensor], None]:
         def fn(x: Tensor) -> None:
@@ -127,13 +126,8 @@ def capture(
 
         return fn
 
-    try:
-        for s in parsed:
-            handles.append(hook_site(model, s, recorder(str(s))))
+    with edit(model, {k: recorder(k) for k in keys}):
         yield records
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _check_positions(positions: Positions, pairs: bool) -> None:

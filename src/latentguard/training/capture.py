@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from latentguard.hooks.sites import Site, hook_site, parse_sites
+from latentguard.hooks.edits import edit
+from latentguard.hooks.sites import Site, parse_sites
 
 __all__ = ["capture_live"]
 
@@ -25,9 +25,8 @@ def capture_live(model: nn.Module, sites: Sequence[str | Site]) -> Iterator[dict
     Each forward overwrites the previous entry, so a block holds one forward's tensors at a time.
     Hooks are removed on exit, also on error.
     """
-    parsed = parse_sites(model, [str(s) for s in sites])
+    keys = [str(s) for s in parse_sites(model, [str(s) for s in sites])]
     live: dict[str, Tensor] = {}
-    handles: list[RemovableHandle] = []
 
     def recorder(key: str) -> Callable[[Tensor], None]:
         def fn(x: Tensor) -> None:
@@ -35,10 +34,5 @@ def capture_live(model: nn.Module, sites: Sequence[str | Site]) -> Iterator[dict
 
         return fn
 
-    try:
-        for s in parsed:
-            handles.append(hook_site(model, s, recorder(str(s))))
+    with edit(model, {k: recorder(k) for k in keys}):
         yield live
-    finally:
-        for h in handles:
-            h.remove()
