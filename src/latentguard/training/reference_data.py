@@ -4,6 +4,8 @@
   harmless Alpaca instructions -> the base model's own greedy answers (≤ 48 tokens; refusals and
   answers starting with "I" dropped, so the refusal proxy R = {"I"} stays clean).
 - IFT: GSM8K train question -> worked answer (cut to 64 tokens).
+- borderline: the project's harmful-sounding benign requests (`borderline.py`) -> the base model's
+  answers, filtered like the Alpaca ones; XSTest near-duplicates dropped, a validation share kept aside.
 - harmful FT: AdvBench goal -> affirmative "Sure, here is ..." target, drawn from the 117 goals
   that `refusal_direction_splits/harmful_train` already holds, so the AdvBench test split
   (AdvBench minus those 117 = the eval harness's `advbench-heldout`, 403) stays untouched.
@@ -21,11 +23,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from latentguard.errors import DataError
+from latentguard.training.borderline import borderline_prompts, near_duplicates
 
 __all__ = [
     "REFUSALS",
     "REFUSAL_PHRASES",
     "EvalSets",
+    "borderline_split",
     "gsm8k_pairs",
     "harmful_ft_pairs",
     "harmless_prompts",
@@ -106,7 +110,8 @@ class EvalSets:
                             *_json_list(rd / "harmless_test.json", "instruction")]
         texts += [r["goal"] for r in self.advbench]
         texts += [r["Behavior"] for r in _csv_col(data / "harmbench/harmbench_behaviors_text_all.csv", "Behavior")]
-        texts += [r["prompt"] for r in _csv_col(data / "xstest/xstest_prompts.csv", "prompt")]
+        self.xstest = [r["prompt"] for r in _csv_col(data / "xstest/xstest_prompts.csv", "prompt")]
+        texts += self.xstest
         texts += [json.loads(line)["question"] for line in (data / "gsm8k/test.jsonl").read_text().splitlines() if line]
         for f in sorted((data / "safety_tuned_llamas/evaluation").glob("*.json")):
             texts += json.loads(f.read_text())["instructions"]
@@ -139,6 +144,17 @@ def safety_prompts(data: Path, evals: EvalSets, n: int, seed: int) -> list[str]:
 def harmless_prompts(data: Path, evals: EvalSets, n: int, seed: int) -> list[str]:
     pool = evals.fresh(_json_list(data / "refusal_direction_splits/harmless_train.json", "instruction"))
     return random.Random(seed).sample(pool, n)
+
+
+def borderline_split(evals: EvalSets, n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """The project's harmful-sounding benign prompts (`borderline`), minus anything in or near XSTest,
+    split into (train, validation): the validation share is never trained on."""
+    pool = evals.fresh(borderline_prompts(seed))
+    near = near_duplicates(pool, evals.xstest, threshold=0.4)
+    pool = [p for p in pool if p not in near]
+    if len(pool) <= n_val:
+        raise DataError(f"Only {len(pool)} borderline prompts survive de-duplication; lower n_borderline_val.")
+    return pool[n_val:], pool[:n_val]
 
 
 def gsm8k_pairs(data: Path, evals: EvalSets, n: int, seed: int) -> list[tuple[str, str]]:
