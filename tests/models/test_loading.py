@@ -87,3 +87,32 @@ def test_chat_template_override_and_missing(tmp_path, tiny_tokenizer):
     loaded.tokenizer.chat_template = None
     with pytest.raises(ConfigError, match="has no chat template; pass --chat-template"):
         format_prompts(loaded.tokenizer, ["hi"])
+
+
+def test_adapter_dir_loads_merged_onto_its_local_base(tmp_path, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_tiny("llama")
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    peft = get_peft_model(load_model(str(tmp_path / "base")).model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # B starts at zero: make the adapter change the output
+    peft.save_pretrained(tmp_path / "ckpt")
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+        plain = load_model(str(tmp_path / "base")).model(input_ids=ids).logits
+    loaded = load_model(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        got = loaded.model(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapter matters...
+    assert torch.allclose(got, want, atol=1e-5)  # ...and is merged in
+    assert loaded.info.fingerprint != model_info(load_model(str(tmp_path / "base")).model).fingerprint
+
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "adapter_config.json").write_text('{"base_model_name_or_path": "/nowhere/base"}')
+    with pytest.raises(ModelNotFoundError, match="latentguard merge"):
+        load_model(str(tmp_path / "orphan"))

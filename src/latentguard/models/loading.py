@@ -137,6 +137,8 @@ def _resolve(spec: str) -> tuple[str, dict[str, Any]]:
         return str(_embedded_dir()), {"local_files_only": True}
     path = Path(spec).expanduser()
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return str(path), {"adapter": True}
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json; pass a Hugging Face model directory.")
         return str(path), {"local_files_only": True}
@@ -188,11 +190,14 @@ def load_model(
     """Load model, tokenizer (left padding, pad token set) and a ModelInfo, in eval mode.
 
     Args:
-        spec: "embedded", a local model directory, a local .gguf file, or a hub id.
+        spec: "embedded", a local model directory, a LoRA adapter directory (e.g. a training
+            checkpoint; merged into its local base in memory), a local .gguf file, or a hub id.
         chat_template: a Jinja chat template, or a path to a file holding one; overrides the tokenizer's.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     where, kwargs = _resolve(spec)
+    if kwargs.get("adapter"):
+        return _load_adapter(Path(where), dtype, device, chat_template)
     if where.endswith(".gguf"):
         model, tok = _load_gguf(Path(where))
         model = model.to(dtype)
@@ -204,6 +209,21 @@ def load_model(
     _prepare_tokenizer(tok, chat_template)
     model = model.to(_device(device)).eval()
     return LoadedModel(model=model, tokenizer=tok, info=model_info(model, model_id=spec))
+
+
+def _load_adapter(path: Path, dtype: torch.dtype, device: str, chat_template: str | None) -> LoadedModel:
+    """A PEFT adapter directory (a training checkpoint): its base model with the adapter merged in memory."""
+    from peft import PeftModel  # noqa: PLC0415 - only adapter directories need peft at load time
+
+    base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not base_spec or not (Path(base_spec).is_dir() or base_spec == EMBEDDED):
+        raise ModelNotFoundError(
+            f"{path} is a LoRA adapter whose base {base_spec!r} is not a local directory; merge it with "
+            "`latentguard merge` where the base exists and pass the merged directory."
+        )
+    base = load_model(base_spec, dtype=dtype, device=device, chat_template=chat_template)
+    model = PeftModel.from_pretrained(base.model, str(path)).merge_and_unload().eval()
+    return LoadedModel(model=model, tokenizer=base.tokenizer, info=model_info(model, model_id=str(path)))
 
 
 def _device(device: str) -> torch.device:
