@@ -213,7 +213,7 @@ def load_model(
 
 def _load_adapter(path: Path, dtype: torch.dtype, device: str, chat_template: str | None) -> LoadedModel:
     """A PEFT adapter directory (a training checkpoint): its base model with the adapter merged in memory."""
-    from peft import PeftModel  # noqa: PLC0415 - only adapter directories need peft at load time
+    from peft import PeftModel  # only adapter directories need peft at load time
 
     base_spec = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
     if not base_spec or not (Path(base_spec).is_dir() or base_spec == EMBEDDED):

@@ -1,0 +1,294 @@
+"""`latentguard reproduce --config RECIPE.yaml [--quick]`: the one-command reproduction table.
+
+A recipe (YAML, see configs/reproduce/) has three parts:
+- `steps`: commands that build models and artefacts, in order — `run:` a latentguard command line,
+  or `python:` a script line (benchmarks/...). A step with `creates: PATH` is skipped when PATH
+  exists, so a rerun resumes where the last one stopped; each step's output goes to
+  OUT/logs/<step>.log.
+- `eval`: `latentguard eval` settings shared by every row (suite, datasets, limit, judge, ...).
+- `rows`: one `latentguard eval` run each (`model`, optional `defense`, optional per-row `eval`
+  overrides, `group` for the table). Eval runs resume themselves; a finished row is skipped.
+`{out}` in any string is replaced by the output folder; `{json:PATH#KEY}` in a row's defence by a
+value a step wrote (e.g. the alpha `lock tune` chose). `quick:` is merged over the recipe by
+`--quick` (small limits; CI-scale smoke runs). Every step and row runs as its own process, so a
+model's memory is returned between them and a crash names the stage.
+
+Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall time,
+run directories), OUT/results.md (the README table) and OUT/report.html (the eval report of all
+rows: Pareto plot, per-set tables, attack x defence heat maps where rows have them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from latentguard import __version__
+from latentguard.artifacts import git_commit, write_json
+from latentguard.errors import ConfigError, DataError
+from latentguard.eval.report import write_eval_report
+
+__all__ = ["Recipe", "command", "load_recipe", "run_recipe", "summarize_row"]
+
+_LATENTGUARD = [sys.executable, "-m", "latentguard.cli.main"]
+
+
+@dataclass
+class Recipe:
+    name: str
+    out: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {k: _merge(base.get(k), v) if k in base else v for k, v in {**base, **over}.items()}
+    return over
+
+
+def _subst(value: Any, out: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{out}", out)
+    if isinstance(value, list):
+        return [_subst(v, out) for v in value]
+    if isinstance(value, dict):
+        return {k: _subst(v, out) for k, v in value.items()}
+    return value
+
+
+def load_recipe(path: str | Path, quick: bool = False, out: str | None = None) -> Recipe:
+    """Read and check a recipe; every problem is one line naming the fix, before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Recipe {path} does not exist; pass --config configs/reproduce/embedded.yaml or your own file.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Recipe {path} is not valid YAML ({e}); fix the file.") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Recipe {path} must be a mapping with steps, eval and rows.")
+    if quick:
+        if "quick" not in raw:
+            raise ConfigError(f"Recipe {path} has no `quick:` section; add one or run without --quick.")
+        raw = _merge(raw, raw["quick"])
+    raw.pop("quick", None)
+    unknown = set(raw) - {"name", "description", "out", "steps", "eval", "rows"}
+    if unknown:
+        raise ConfigError(f"Recipe {path}: unknown keys {sorted(unknown)}; use name, description, out, steps, eval, rows, quick.")
+    out_dir = out or raw.get("out") or f"results/{raw.get('name', path.stem)}"
+    raw = _subst(raw, str(out_dir))
+    recipe = Recipe(name=str(raw.get("name", path.stem)), out=Path(out_dir), steps=list(raw.get("steps") or []),
+                    eval=dict(raw.get("eval") or {}), rows=list(raw.get("rows") or []), description=str(raw.get("description", "")))
+    _check(recipe, path)
+    return recipe
+
+
+def _check(recipe: Recipe, path: Path) -> None:
+    names = [s.get("name") for s in recipe.steps] + [r.get("name") for r in recipe.rows]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ConfigError(f"Recipe {path}: every step and row needs a `name`.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Recipe {path}: step and row names must be unique; rename the duplicates.")
+    for s in recipe.steps:
+        if ("run" in s) == ("python" in s):
+            raise ConfigError(f"Recipe {path}: step {s['name']!r} needs exactly one of `run:` (latentguard command) or `python:` (script).")
+    for r in recipe.rows:
+        if "model" not in r:
+            raise ConfigError(f"Recipe {path}: row {r['name']!r} has no `model`; add one (e.g. model: embedded).")
+    if not recipe.rows:
+        raise ConfigError(f"Recipe {path} has no rows; add at least one `rows:` entry to evaluate.")
+
+
+def _flags(settings: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run(argv: list[str], log: Path, echo: Any) -> float:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"\n$ {shlex.join(argv)}\n")
+        f.flush()
+        rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_MININTERVAL": "5"})
+    if rc != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        shown = ["latentguard", *argv[len(_LATENTGUARD):]] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv
+        raise DataError(f"{shlex.join(shown)} failed (exit {rc}): {tail[0][:300]} "
+                        f"— see {log}; fix it and rerun, finished stages are kept.")
+    return time.perf_counter() - start
+
+
+def _step_argv(step: dict[str, Any]) -> list[str]:
+    if "run" in step:
+        return [*_LATENTGUARD, *shlex.split(str(step["run"]))]
+    return [sys.executable, *shlex.split(str(step["python"]))]
+
+
+_JSON_REF = re.compile(r"\{json:([^#}]+)#([^}]+)\}")
+
+
+def resolve_refs(value: str, dry_run: bool = False) -> str:
+    """Replace `{json:PATH#KEY}` with PATH's top-level KEY, e.g. the alpha a `lock tune` step chose."""
+
+    def one(m: re.Match[str]) -> str:
+        path, key = Path(m.group(1)), m.group(2)
+        if dry_run and not path.is_file():
+            return m.group(0)
+        if not path.is_file():
+            raise DataError(f"{path} (named by {m.group(0)}) does not exist; the step that writes it must run first.")
+        doc = json.loads(path.read_text())
+        if key not in doc:
+            raise DataError(f"{path} has no key {key!r} (named by {m.group(0)}); fix the recipe.")
+        return str(doc[key])
+
+    return _JSON_REF.sub(one, value)
+
+
+def _row_argv(recipe: Recipe, row: dict[str, Any], out: Path, dry_run: bool = False) -> list[str]:
+    settings = {**recipe.eval, **(row.get("eval") or {}), "model": row["model"], "out": str(out)}
+    if row.get("defense"):
+        defs = row["defense"] if isinstance(row["defense"], list) else [row["defense"]]
+        settings["defense"] = [resolve_refs(d, dry_run) for d in defs]
+    return [*_LATENTGUARD, "eval", *_flags(settings)]
+
+
+def summarize_row(run_dir: Path) -> dict[str, Any]:
+    """Harmful rate per harmful set (keyword judge first), over-refusal and utility of one eval run."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row: dict[str, Any] = {"harmful": {}, "overrefusal": {}, "nll": {}, "judges": summary["run"].get("judges")}
+    for name, entry in summary["datasets"].items():
+        if entry["role"] == "utility":
+            row["nll"][name] = entry["utility"]["nll_per_token"]["value"]
+            continue
+        judges = entry.get("judges", {})
+        judge = "keyword" if "keyword" in judges else next(iter(judges), None)
+        block = judges.get(judge, {}) if judge else {}
+        block = {**block, **block.get("refusal", {})}
+        key = "asr" if entry["role"] == "harmful" else "overrefusal_rate"
+        if key in block:
+            row[entry["role"]][name] = {"value": block[key]["value"], "ci95": block[key].get("ci95"),
+                                        "n": entry["n"], "judge": judge}
+    row["harmful_mean"] = _mean([v["value"] for v in row["harmful"].values()])
+    row["overrefusal_mean"] = _mean([v["value"] for v in row["overrefusal"].values()])
+    row["nll_mean"] = _mean(list(row["nll"].values()))
+    return row
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}"
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    """`41 [25–59]`: the rate and its 95 % bootstrap interval, in percent."""
+    if not entry or entry.get("value") is None:
+        return "—"
+    ci = entry.get("ci95") or []
+    return _pct(entry["value"]) + (f" [{_pct(ci[0])}–{_pct(ci[1])}]" if len(ci) == 2 and None not in ci else "")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    harm_sets = list(dict.fromkeys(s for r in rows for s in r["harmful"]))
+    over_sets = list(dict.fromkeys(s for r in rows for s in r["overrefusal"]))
+    util_sets = list(dict.fromkeys(s for r in rows for s in r["nll"]))
+    head = ["row", "model", "defence", *[f"harmful % {s}" for s in harm_sets], *[f"over-refusal % {s}" for s in over_sets],
+            *[f"{s} answer NLL" for s in util_sets]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], f"`{r['model']}`", " + ".join(f"`{d}`" for d in r["defense"]) or "none"]
+        cells += [_cell(r["harmful"].get(s)) for s in harm_sets]
+        cells += [_cell(r["overrefusal"].get(s)) for s in over_sets]
+        cells += ["—" if r["nll"].get(s) is None else f"{r['nll'][s]:.3f}" for s in util_sets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print) -> Path:
+    """Run the recipe's steps and rows (resuming), then write results.json, results.md and report.html."""
+    out = recipe.out
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    total = len(recipe.steps) + len(recipe.rows)
+    for i, step in enumerate(recipe.steps, 1):
+        creates = step.get("creates")
+        if creates and Path(creates).exists():
+            echo(f"[reproduce] {i}/{total} step {step['name']}: done, skipped")
+            continue
+        echo(f"[reproduce] {i}/{total} step {step['name']}: running (log: {out / 'logs' / (step['name'] + '.log')})")
+        timings[step["name"]] = round(_run(_step_argv(step), out / "logs" / f"{step['name']}.log", echo), 1)
+        write_json(timings_path, timings)
+    results = []
+    for j, row in enumerate(recipe.rows, len(recipe.steps) + 1):
+        run_dir = out / "eval" / row["name"]
+        if only and row["name"] not in only:
+            continue
+        if (run_dir / "summary.json").is_file():
+            echo(f"[reproduce] {j}/{total} row {row['name']}: done, skipped")
+        else:
+            echo(f"[reproduce] {j}/{total} row {row['name']}: evaluating")
+            timings[row["name"]] = round(_run(_row_argv(recipe, row, run_dir), out / "logs" / f"{row['name']}.log", echo), 1)
+            write_json(timings_path, timings)
+        defense = row.get("defense") or []
+        defense = [resolve_refs(d) for d in (defense if isinstance(defense, list) else [defense])]
+        results.append({"name": row["name"], "group": row.get("group", ""), "model": row["model"],
+                        "defense": defense, "run_dir": str(run_dir),
+                        "wall_s": timings.get(row["name"]), **summarize_row(run_dir)})
+    doc = {"kind": "reproduce_results", "recipe": recipe.name, "description": recipe.description, "eval": recipe.eval,
+           "rows": results, "timings_s": timings, "latentguard": __version__, "commit": git_commit(),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    write_json(out / "results.json", doc)
+    (out / "results.md").write_text(_table(results))
+    write_eval_report([r["run_dir"] for r in results], out / "report.html")
+    echo(f"[reproduce] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
+    return out
+
+
+@click.command("reproduce")
+@click.option("--config", "config_path", required=True, help="recipe YAML (configs/reproduce/embedded.yaml, quick.yaml, ...)")
+@click.option("--quick", is_flag=True, help="merge the recipe's `quick:` section over it (CI-scale smoke run)")
+@click.option("--out", default=None, help="output folder (default: the recipe's `out`)")
+@click.option("--only", default=None, help="comma list of row names to (re)evaluate and tabulate")
+@click.option("--dry-run", is_flag=True, help="print the commands without running them")
+def command(config_path: str, quick: bool, out: str | None, only: str | None, dry_run: bool) -> int:
+    """Build the reference models and artefacts, evaluate every row, write results/ and the report."""
+    recipe = load_recipe(config_path, quick=quick, out=out)
+    if dry_run:
+        for s in recipe.steps:
+            click.echo(f"step {s['name']}: {shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
+        for r in recipe.rows:
+            click.echo(f"row {r['name']}: {shlex.join(_row_argv(recipe, r, recipe.out / 'eval' / r['name'], dry_run=True)[len(_LATENTGUARD):])}")
+        return 0
+    run_recipe(recipe, [o for o in (only or "").split(",") if o] or None, echo=lambda m: click.echo(m, err=True))
+    return 0

@@ -1,0 +1,90 @@
+"""`latentguard reproduce`: recipe checks, steps and rows run as real processes, resume, results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from latentguard.cli.main import main
+from latentguard.cli.reproduce import load_recipe, resolve_refs
+from latentguard.errors import ConfigError, DataError
+
+RECIPE = """
+name: tiny
+out: {out}
+eval: {{datasets: "advbench-heldout,gsm8k-test", limit: 1, max_new_tokens: 2}}
+steps:
+  - name: note
+    python: "{script} {out}/marker.json"
+    creates: "{out}/marker.json"
+rows:
+  - {{name: plain, group: reference, model: embedded}}
+quick:
+  eval: {{max_new_tokens: 1}}
+"""
+
+
+def _script(tmp_path: Path) -> Path:
+    script = tmp_path / "step.py"
+    script.write_text("import json, sys\njson.dump({'alpha': 1.5}, open(sys.argv[1], 'w'))\n")
+    return script
+
+
+def test_recipe_runs_steps_and_rows_then_resumes(tmp_path, embedded):
+    out = tmp_path / "res"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=out, script=_script(tmp_path)))
+    assert main(["reproduce", "--config", str(recipe)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    row = doc["rows"][0]
+    assert row["name"] == "plain" and set(row["harmful"]) == {"advbench-heldout"} and set(row["nll"]) == {"gsm8k-test"}
+    assert 0.0 <= row["harmful"]["advbench-heldout"]["value"] <= 1.0 and row["nll"]["gsm8k-test"] > 0
+    assert "| plain | `embedded` | none |" in (out / "results.md").read_text()
+    assert (out / "report.html").stat().st_size > 1000
+    assert resolve_refs("x={json:%s#alpha}" % (out / "marker.json")) == "x=1.5"
+    # rerun: the step is skipped (its output exists) and the finished row is not evaluated again
+    stamp = (out / "eval" / "plain" / "summary.json").stat().st_mtime_ns
+    (out / "logs" / "note.log").unlink()
+    assert main(["reproduce", "--config", str(recipe)]) == 0
+    assert not (out / "logs" / "note.log").exists()
+    assert (out / "eval" / "plain" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_quick_merges_and_bad_recipes_fail_clearly(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "o", script=_script(tmp_path)))
+    assert load_recipe(recipe, quick=True).eval == {"datasets": "advbench-heldout,gsm8k-test", "limit": 1, "max_new_tokens": 1}
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    recipe.write_text("name: x\nrows: []\n")
+    with pytest.raises(ConfigError, match="has no rows"):
+        load_recipe(recipe)
+    recipe.write_text("name: x\nrows: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="has no `model`"):
+        load_recipe(recipe)
+    recipe.write_text("name: x\nsteps: [{name: s, run: list, python: x.py}]\nrows: [{name: a, model: embedded}]\n")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_recipe(recipe)
+    with pytest.raises(ConfigError, match="no `quick:` section"):
+        recipe.write_text("name: x\nrows: [{name: a, model: embedded}]\n")
+        load_recipe(recipe, quick=True)
+    with pytest.raises(DataError, match="must run first"):
+        resolve_refs("{json:%s#a}" % (tmp_path / "nope.json"))
+
+
+def test_failing_step_names_the_stage_and_its_log(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nout: {tmp_path / 'o'}\nsteps: [{{name: broken, run: train --method nosuch}}]\n"
+                      "rows: [{name: a, model: embedded}]\n")
+    assert main(["reproduce", "--config", str(recipe)]) == 2
+    assert "nosuch" in (tmp_path / "o" / "logs" / "broken.log").read_text()
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_shipped_recipes_load(tmp_path):
+    root = Path(__file__).resolve().parents[2] / "configs" / "reproduce"
+    for path in sorted(root.glob("*.yaml")):
+        full, quick = load_recipe(path), load_recipe(path, quick=True)
+        assert full.rows and quick.rows and quick.out != full.out
