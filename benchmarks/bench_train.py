@@ -1,24 +1,34 @@
-"""Cost of latentguard's training wrapper: `latentguard train --method sft` vs a bare trl SFTTrainer.
+"""Cost of latentguard's training wrapper and of its methods, interleaved in one run.
 
+1. `latentguard train --method sft` (the library call) vs a bare trl SFTTrainer, with a
+   bare-vs-bare control (goal: latentguard_over_bare_steps_per_s >= 0.95).
+2. `--method procon` (all 30 layers, α = 0.1) and `--method mllr` (λ = 0.1, module scores
+   computed once before the rounds) vs `--method sft`: time per optimizer step
+   (goals: procon_step_over_sft_step <= 1.10, mllr_step_over_sft_step <= 1.02), and the peak
+   memory of each run (ratio to sft).
 Same model (embedded), data (the first batch*steps GSM8K train rows, one epoch), LoRA r=8 on
-q,k,v,o, batch, max length and optimizer; interleaved rounds with a bare-vs-bare control. The
-time is trl's own `train_runtime` (wall time of the training loop, not model loading or
-tokenisation); on a shared CPU the process CPU time of each whole run (load + tokenise + train,
-identical work on both sides) is recorded too, since it is far less sensitive to other load.
-Prints `latentguard_over_bare_steps_per_s=<ratio>` (goal >= 0.95) and writes
-benchmarks/results/bench_train.json.
+q,k,v,o, batch, max length and optimizer. A step's time is trl's `train_runtime` (wall time of the
+training loop: no model loading, tokenisation, or the one-off ProCon/ML-LR preparation) over the
+steps; on a shared CPU the process CPU time of the same loop is recorded too (`cpu_*`), since it
+is far less sensitive to other load. Peak memory: peak RSS of the process during each run
+(Linux: VmHWM, reset before every run via /proc/self/clear_refs), or CUDA max allocated; also its
+growth over the memory in use when the run started (`peak_growth_*`, the run's own footprint).
+Writes benchmarks/results/bench_train.json.
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_train.py [--rounds 5] [--steps 4] [--batch 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -28,13 +38,71 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import interleaved, write_result
 
+from latentguard.directions.modules import ModuleScoreConfig, module_data_from_splits, score_modules
 from latentguard.eval.datasets import shared_data_dir
 from latentguard.models import load_model
-from latentguard.training import TrainConfig, train
+from latentguard.training import METHODS, train
+from latentguard.training import trainer as _trainer
 
 SETTINGS = {"learning_rate": 2e-4, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,
             "activation_checkpointing": False, "disable_tqdm": True, "logging_steps": 1, "optim": "adamw_torch",
             "seed": 42}
+GOAL = "latentguard_over_bare_steps_per_s >= 0.95; procon_step_over_sft_step <= 1.10; mllr_step_over_sft_step <= 1.02"
+
+_LOOP_CPU: list[float] = []
+_train_loop = _trainer.LatentGuardTrainer.train
+
+
+def _timed_train(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """LatentGuardTrainer.train with the loop's process CPU time recorded (benchmark instrumentation only)."""
+    t0 = time.process_time()
+    try:
+        return _train_loop(self, *args, **kwargs)
+    finally:
+        _LOOP_CPU.append(time.process_time() - t0)
+
+
+_trainer.LatentGuardTrainer.train = _timed_train  # type: ignore[method-assign]
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> float | None:
+    """Reset the peak counter; returns the memory in use now (the run's starting point)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return None
+    return _status_mb("VmRSS")
+
+
+def _peak_mb() -> float | None:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _status_mb("VmHWM")
+
+
+def _mllr_scores(work: Path) -> Path:
+    """Module scores of the embedded model, once (small settings: this benchmark times steps, not scoring)."""
+    loaded = load_model("embedded")
+    data = module_data_from_splits(shared_data_dir() / "refusal_direction_splits", n_fit=16, n_val=4)
+    t0 = time.perf_counter()
+    art = score_modules(loaded, data, ModuleScoreConfig(seeds=1, max_evals=4, min_probe_acc=0.0))
+    art.meta["scoring_wall_s"] = time.perf_counter() - t0
+    art.save(work / "mllr_scores", model=loaded.info)
+    return work / "mllr_scores"
 
 
 def main() -> None:
@@ -50,12 +118,18 @@ def main() -> None:
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n" for r in rows))
     common = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "max_length": args.max_len, **SETTINGS}
+    lg = {"overwrite": True, "model": "embedded", "data": [str(data)], "lora": "r=8,alpha=16,targets=q,k,v,o",
+          "plot": False, "data_dir": str(shared_data_dir()), **common}
+    scores = _mllr_scores(work)
     runtimes: dict[str, float] = {}
+    loop_cpu: dict[str, float] = {}
 
-    def latentguard() -> None:
-        res = train(TrainConfig(output_dir=str(work / "lg"), overwrite=True, model="embedded", data=[str(data)],
-                                lora="r=8,alpha=16,targets=q,k,v,o", plot=False, **common))
-        runtimes["latentguard"] = res.metrics["train_runtime"]
+    def method_run(key: str, method: str, **extra: Any) -> Callable[[], None]:
+        def run() -> None:
+            cls = METHODS.get(method).config_cls
+            res = train(cls(output_dir=str(work / key), method=method, **lg, **extra))
+            runtimes[key], loop_cpu[key] = res.metrics["train_runtime"], _LOOP_CPU[-1]
+        return run
 
     def bare(key: str) -> None:
         loaded = load_model("embedded")
@@ -65,41 +139,84 @@ def main() -> None:
                              train_dataset=ds, processing_class=loaded.tokenizer,
                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                     task_type="CAUSAL_LM"))
+        t0 = time.process_time()
         runtimes[key] = trainer.train().metrics["train_runtime"]
+        loop_cpu[key] = time.process_time() - t0
 
-    record: dict[str, list[float]] = {"latentguard": [], "bare": [], "bare_control": []}
-    cpu: dict[str, list[float]] = {k: [] for k in record}
-    fns = {"latentguard": latentguard, "bare": lambda: bare("bare"), "bare_control": lambda: bare("bare_control")}
+    fns: dict[str, Callable[[], None]] = {
+        "latentguard": method_run("latentguard", "sft"), "bare": lambda: bare("bare"),
+        "bare_control": lambda: bare("bare_control"),
+        "procon": method_run("procon", "procon", procon_alpha=0.1, procon_n_directions=16),
+        "mllr": method_run("mllr", "mllr", mllr_scores=str(scores), mllr_lambda=0.1),
+    }
+    record: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    loop: dict[str, list[float]] = {k: [] for k in fns}
+    peak: dict[str, list[float]] = {k: [] for k in fns}
+    growth: dict[str, list[float]] = {k: [] for k in fns}
 
-    def timed(name: str):
+    def timed(name: str) -> Callable[[], None]:
         def run() -> None:
+            start = _reset_peak()
             t0 = time.process_time()
             fns[name]()
             cpu[name].append(time.process_time() - t0)
             record[name].append(runtimes[name])
+            loop[name].append(loop_cpu[name])
+            mb = _peak_mb()
+            if mb is not None and start is not None:
+                peak[name].append(mb)
+                growth[name].append(mb - start)
         return run
 
     interleaved({k: timed(k) for k in fns}, args.rounds, warmup=0)
+    result = _result(args, record, cpu, loop, (peak, growth), scores, len(rows))
+    path = write_result("bench_train", result)
+    for k in ("latentguard_over_bare_steps_per_s", "control_bare_over_bare", "procon_step_over_sft_step",
+              "cpu_procon_step_over_sft_step", "mllr_step_over_sft_step", "cpu_mllr_step_over_sft_step"):
+        print(f"{k}={result[k]:.3f}")
+    print(f"peak_memory_ratio={json.dumps(result['peak_memory_ratio'])} "
+          f"peak_growth_ratio={json.dumps(result['peak_growth_ratio'])} -> {path}")
+
+
+def _result(args: argparse.Namespace, record: dict[str, list[float]], cpu: dict[str, list[float]],
+            loop: dict[str, list[float]], memory: tuple[dict[str, list[float]], dict[str, list[float]]], scores: Path,
+            n_rows: int) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in record.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    result = {
+    loop_med = {k: statistics.median(v) for k, v in loop.items()}
+    peak, growth = memory
+    peak_med = {k: statistics.median(v) for k, v in peak.items() if v}
+    growth_med = {k: statistics.median(v) for k, v in growth.items() if v}
+    sft = "latentguard"
+    mem = {f"{m}_vs_sft": peak_med[m] / peak_med[sft] for m in ("procon", "mllr") if m in peak_med and sft in peak_med}
+    grow = {f"{m}_vs_sft": growth_med[m] / growth_med[sft] for m in ("procon", "mllr")
+            if m in growth_med and growth_med.get(sft, 0) > 0}
+    scoring = json.loads((scores / "meta.json").read_text()).get("scoring_wall_s")
+    return {
         "latentguard_over_bare_steps_per_s": med["bare"] / med["latentguard"],
         "control_bare_over_bare": med["bare"] / med["bare_control"],
-        "goal": "latentguard_over_bare_steps_per_s >= 0.95",
+        "procon_step_over_sft_step": med["procon"] / med[sft],
+        "mllr_step_over_sft_step": med["mllr"] / med[sft],
+        "goal": GOAL,
         "cpu_latentguard_over_bare_runs_per_s": cpu_med["bare"] / cpu_med["latentguard"],
         "cpu_control_bare_over_bare": cpu_med["bare"] / cpu_med["bare_control"],
-        "median_train_runtime_s": med, "median_run_cpu_s": cpu_med, "run_cpu_s": cpu, "train_runtime_s": record,
-        "steps_per_s": {k: args.steps / v for k, v in med.items()},
+        "cpu_procon_step_over_sft_step": loop_med["procon"] / loop_med[sft],
+        "cpu_mllr_step_over_sft_step": loop_med["mllr"] / loop_med[sft],
+        "peak_memory_ratio": mem,
+        "peak_growth_ratio": grow,
+        "peak_memory_mb": peak_med,
+        "peak_growth_mb": growth_med,
+        "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() else "process peak RSS (VmHWM) per run",
+        "median_train_runtime_s": med, "median_run_cpu_s": cpu_med, "median_loop_cpu_s": loop_med,
+        "train_runtime_s": record, "run_cpu_s": cpu, "loop_cpu_s": loop, "peak_memory_mb_per_round": peak,
+        "peak_growth_mb_per_round": growth,
+        "mllr_scoring_wall_s_once": scoring,
         "settings": {"model": "embedded", "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
-                     "lora": "r=8,alpha=16,q,k,v,o", "rounds": args.rounds, "data": "gsm8k train rows 0.."
-                     f"{len(rows) - 1}"},
+                     "lora": "r=8,alpha=16,q,k,v,o", "rounds": args.rounds, "data": f"gsm8k train rows 0..{n_rows - 1}",
+                     "procon": "all layers, alpha 0.1, abs, 16+16 direction prompts (prepare not timed)",
+                     "mllr": "lambda 0.1, split; scores once: 16+16 fit, 4+4 held out, 1 seed, 4 search evals"},
     }
-    path = write_result("bench_train", result)
-    print(f"latentguard_over_bare_steps_per_s={result['latentguard_over_bare_steps_per_s']:.3f}")
-    print(f"control_bare_over_bare={result['control_bare_over_bare']:.3f}")
-    print(f"cpu_latentguard_over_bare={result['cpu_latentguard_over_bare_runs_per_s']:.3f} "
-          f"(control {result['cpu_control_bare_over_bare']:.3f})")
-    print(json.dumps(med), f"-> {path}")
 
 
 if __name__ == "__main__":
