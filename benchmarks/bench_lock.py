@@ -7,6 +7,7 @@ hooked (`lock_hooks`), folded (a copy of the model with the biases baked in) and
 run as the control. Prints the ratios (goals: hooked/plain >= 0.97, folded/plain = 1.00) and
 writes benchmarks/results/bench_lock.json.
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lock.py [--rounds 10] [--batch 8] [--tokens 32]
+     [--pairs 60] [--device cuda] [--model-config llama3-8b]
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, ratio, write_result
+from _common import (
+    add_model_args,
+    bench_model,
+    interleaved,
+    model_settings,
+    ratio,
+    result_name,
+    write_result,
+)
 
 from latentguard.cli.lock import LockCreateConfig, lock_rows
 from latentguard.defenses.safetylock import (
@@ -36,11 +45,11 @@ from latentguard.defenses.safetylock import (
 )
 from latentguard.directions.heads import HeadLock
 from latentguard.eval.datasets import read_prompts, shared_data_dir
-from latentguard.models import LoadedModel, format_prompts, load_model
+from latentguard.models import LoadedModel, format_prompts
 
 
-def _create(loaded: LoadedModel, tmp: Path) -> tuple[HeadLock, dict[str, Any]]:
-    cfg = LockCreateConfig()
+def _create(loaded: LoadedModel, tmp: Path, n_pairs: int | None) -> tuple[HeadLock, dict[str, Any]]:
+    cfg = LockCreateConfig() if n_pairs is None else LockCreateConfig(n_pairs=n_pairs)
     pairs = safety_pairs(lock_rows(cfg)[0], cfg.n_pairs, cfg.seed)
     wall, cpu = time.perf_counter(), time.process_time()
     lock = create_lock(loaded, pairs, cfg, progress=False)
@@ -64,22 +73,23 @@ def _apply(loaded: LoadedModel, tmp: Path, alpha: float, reps: int = 50) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="embedded")
+    add_model_args(ap)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=3.0)
+    ap.add_argument("--pairs", type=int, default=None, help="pairs for `create` (default: the lock's default, 60)")
     args = ap.parse_args()
 
-    loaded = load_model(args.model)
+    loaded = bench_model(args)
     model, tok = loaded.model, loaded.tokenizer
     with tempfile.TemporaryDirectory() as d:
-        lock, create = _create(loaded, Path(d))
+        lock, create = _create(loaded, Path(d), args.pairs)
         apply = _apply(loaded, Path(d), args.alpha)
     folded = copy.deepcopy(model)
     fold_lock(folded, lock, args.alpha)
     prompts = read_prompts(shared_data_dir() / "refusal_direction_splits" / "harmless_val.json")[: args.batch]
-    enc = tok(format_prompts(tok, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(format_prompts(tok, prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     gen = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
 
     def run(m: torch.nn.Module) -> None:
@@ -101,10 +111,10 @@ def main() -> None:
         "goal": "hooked/plain >= 0.97, folded/plain = 1.00 (within the control's spread)",
         "tok_per_s_median": {k: n_tokens / statistics.median(v) for k, v in times.items()},
         "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "settings": {"model": loaded.info.model_id, "batch": args.batch, "new_tokens": args.tokens, "alpha": args.alpha,
+        "settings": {**model_settings(loaded, args), "batch": args.batch, "new_tokens": args.tokens, "alpha": args.alpha,
                      "heads": lock.n_heads, "layers": lock.meta["layers"], "rounds": args.rounds},
     }
-    path = write_result("bench_lock", result)
+    path = write_result(result_name("bench_lock", args), result)
     print(f"create: {create['wall_s']:.1f} s wall, {create['cpu_s']:.1f} s CPU; fold median {apply['fold_median_s'] * 1e3:.2f} ms")
     print(json.dumps(result["tok_per_s_ratio"]), f"-> {path}")
 

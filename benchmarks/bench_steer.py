@@ -8,6 +8,7 @@ response lengths. The direction is a diff-in-means at --layer from 16 + 16 train
 Prints the ratios (goals: steered/plain >= 0.97, exported/plain = 1.00) and writes
 benchmarks/results/bench_steer.json.
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_steer.py [--rounds 10] [--batch 8]
+     [--device cuda] [--model-config llama3-8b]
 """
 
 from __future__ import annotations
@@ -25,14 +26,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, ratio, write_result
+from _common import (
+    add_model_args,
+    bench_model,
+    interleaved,
+    model_settings,
+    ratio,
+    result_name,
+    write_result,
+)
 
 from latentguard.artifacts import Artifact
 from latentguard.defenses import apply_defenses, build_defense
 from latentguard.defenses.bake import export_model
 from latentguard.eval.datasets import read_prompts, shared_data_dir
 from latentguard.hooks import collect
-from latentguard.models import format_prompts, load_model
+from latentguard.models import format_prompts
 
 
 def _direction(loaded, layer: int, out: Path) -> str:
@@ -61,25 +70,32 @@ def _cpu_timed(fns: dict[str, Callable[[], None]], cpu: dict[str, list[float]]) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="embedded")
+    add_model_args(ap)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--layer", type=int, default=18)
+    ap.add_argument("--layer", type=int, default=None, help="default: 18 of 30 on the embedded model, 0.6 x layers otherwise")
     args = ap.parse_args()
 
-    loaded = load_model(args.model)
+    loaded = bench_model(args)
+    if args.layer is None:
+        args.layer = int(0.6 * loaded.info.n_layers)
     tmp = Path(tempfile.mkdtemp(prefix="bench_steer-"))
     art = _direction(loaded, args.layer, tmp / "direction")
     add, ablate = build_defense(f"add:{art}", loaded), build_defense(f"ablate:{art}", loaded)
     exported = {}
+    # export_model checks the baked logits against the hooked model's in float64 within 1e-4; a
+    # half-precision or 8B random-init speed run cannot meet that (nor afford float64), so it only bakes
+    exact = loaded.model.dtype == torch.float32 and not args.model_config
+    check = {} if exact else {"verify_dtype": None, "tolerance": 1e9, "prompts": ["Hi"]}
     for d in (ablate, add):  # each export bakes into a fresh copy of the model
-        fresh = load_model(args.model)
-        export_model(fresh, [d], tmp / f"export-{d.key}")
-        exported[d.key] = AutoModelForCausalLM.from_pretrained(tmp / f"export-{d.key}").eval()
+        fresh = bench_model(args)
+        export_model(fresh, [d], tmp / f"export-{d.key}", **check)
+        del fresh
+        exported[d.key] = AutoModelForCausalLM.from_pretrained(tmp / f"export-{d.key}", dtype=loaded.model.dtype).to(args.device).eval()
     tok = loaded.tokenizer
     prompts = format_prompts(tok, read_prompts(shared_data_dir() / "refusal_direction_splits" / "harmless_val.json")[: args.batch])
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
 
     def run(model, defenses=()):
@@ -103,10 +119,11 @@ def main() -> None:
         "tok_s_median": {k: n_tokens / statistics.median(v) for k, v in times.items()},
         "tok_per_cpu_s_median": {k: n_tokens / statistics.median(v) for k, v in cpu.items()},
         "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "settings": {"model": loaded.info.model_id, "batch": args.batch, "new_tokens": args.new_tokens,
+        "settings": {**model_settings(loaded, args), "export_logit_check": "1e-4 in float64" if exact else "skipped (speed only)",
+                     "batch": args.batch, "new_tokens": args.new_tokens,
                      "layer": args.layer, "rounds": args.rounds, "hooks": {"add": 1, "ablate": 3 * loaded.info.n_layers}},
     }
-    path = write_result("bench_steer", result)
+    path = write_result(result_name("bench_steer", args), result)
     for k in fns:
         if k != "plain":
             print(f"{k}_over_plain={result[f'{k}_over_plain']:.3f} (cpu time: {result['cpu_time'][f'{k}_over_plain']:.3f})")

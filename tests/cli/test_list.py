@@ -10,6 +10,7 @@ from latentguard.cli.main import main
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [("defenses", {"add", "ablate", "conditional"}), ("judges", {"keyword", "llm", "direction"}),
+     ("attacks", {"none", "radial", "prefix-injection", "base64", "ablate", "harmful-ft"}),
      ("datasets", {"advbench-heldout", "xstest-safe", "gsm8k-test"}), ("methods", {"sft"}),
      ("sites", {"resid_pre", "head_out"}), ("training-sets", {"gsm8k-train", "safety"})],
 )
@@ -19,5 +20,6 @@ def test_list_prints_registry(kind, expected, capsys):
 
 
 def test_list_unknown_kind(capsys):
-    assert main(["list", "attacks"]) == 2
-    assert "Invalid value for '{defenses|judges" in capsys.readouterr().err
+    assert main(["list", "attackz"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '{defenses|attacks|judges" in err and "'attackz' is not one of" in err

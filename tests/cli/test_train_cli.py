@@ -55,7 +55,8 @@ def test_five_step_lora_run_and_merge_match_adapter_logits(tmp_path, data_file):
         b = plain.model(**batch.forward_kwargs()).logits
         with with_adapter.disable_adapter():
             c = with_adapter(**batch.forward_kwargs()).logits
-    assert (a - b).abs().max() < 1e-4
+    # float32 merge: W + BA vs the merged W differ by rounding, relative ~1e-5 of logits up to ~30
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), float((a - b).abs().max())
     assert (a - c).abs().max() > 1e-3  # the adapter changed the model, so the match is not vacuous
 
 

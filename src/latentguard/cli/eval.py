@@ -45,7 +45,9 @@ def _judge_options(f: F) -> F:
 
 @click.command("eval")
 @config_options(EvalConfig)
-@click.option("--defense", "defense", multiple=True, help="defence spec NAME[:ARTEFACT][,k=v]; repeat to compose")
+@click.option("--defense", "defense", multiple=True,
+              help="defence spec NAME[:ARTEFACT][,k=v]; repeat to compose; one value listing several specs "
+                   "(none,add:DIR,alpha=2,lock:L) gives attack x defence matrix columns ('+' composes inside one)")
 @_judge_options
 def command(config_file: str | None, defense: tuple[str, ...], **flags: Any) -> int:
     """Evaluate a model (with defences): harmful rate, over-refusal and utility; resumable."""

@@ -12,6 +12,7 @@ from latentguard.registry import Registry, load_plugins
 # kind -> (module that defines the registry, attribute)
 _REGISTRIES = {
     "defenses": ("latentguard.defenses", "DEFENSES"),
+    "attacks": ("latentguard.attacks", "ATTACKS"),
     "judges": ("latentguard.eval.judges", "JUDGES"),
     "datasets": ("latentguard.eval.datasets", "DATASETS"),
     "methods": ("latentguard.training", "METHODS"),
@@ -23,7 +24,7 @@ _REGISTRIES = {
 def _registry(kind: str) -> Registry[object]:
     module, attr = _REGISTRIES[kind]
     mod = importlib.import_module(module)
-    if kind == "defenses":
+    if kind in ("defenses", "attacks"):  # their built-ins register on import
         mod._import_builtin()
     return getattr(mod, attr)
 
@@ -31,7 +32,7 @@ def _registry(kind: str) -> Registry[object]:
 @click.command("list")
 @click.argument("kind", type=click.Choice([*_REGISTRIES, "sites"]))
 def command(kind: str) -> int:
-    """List a registry (defenses, judges, datasets, methods, losses, training-sets) or the hook site kinds."""
+    """List a registry (defenses, attacks, judges, datasets, methods, losses, training-sets) or the hook site kinds."""
     load_plugins()
     names = list(SITE_KINDS) if kind == "sites" else _registry(kind).names()
     for name in names:

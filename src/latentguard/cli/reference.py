@@ -1,4 +1,5 @@
-"""`latentguard reference build`: the aligned / aligned-IFT / aligned-harmful-FT reference models."""
+"""`latentguard reference build`: the aligned / aligned-IFT / aligned-harmful-FT reference models;
+`latentguard reference pairs`: safety preference pairs for `train --method dpo|fpo`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 
 from latentguard.cli.options import build_config, config_options
 from latentguard.eval.datasets import shared_data_dir
+from latentguard.training.pairs import PairsConfig, build_safety_pairs
 from latentguard.training.reference import ReferenceConfig, build_references
 
 __all__ = ["command"]
@@ -27,4 +29,15 @@ def build(config_file: str | None, **flags: Any) -> int:
     data = Path(cfg.data_dir) if cfg.data_dir else shared_data_dir()
     out = build_references(cfg, data, log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {out}/aligned, {out}/aligned-ift, {out}/aligned-harmfulft (build.json has timings)")
+    return 0
+
+
+@command.command("pairs")
+@config_options(PairsConfig)
+def pairs(config_file: str | None, **flags: Any) -> int:
+    """Safety preference pairs (prompt, chosen, rejected) from the shared data and the model's own replies."""
+    cfg = build_config(PairsConfig, config_file, flags)
+    data = Path(cfg.data_dir) if cfg.data_dir else shared_data_dir()
+    out = build_safety_pairs(cfg, data, log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {out} and {out.with_suffix('.manifest.json')}")
     return 0

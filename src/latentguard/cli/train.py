@@ -1,8 +1,10 @@
-"""`latentguard train`: fine-tune with a registered method (sft, ...) on a mix of data sets.
+"""`latentguard train`: fine-tune with a registered method (sft, ...) on a mix of data sets, or
+with a preference method (dpo, fpo) on a pairs file.
 
 Flags: latentguard's `TrainConfig` fields, every registered method's own config fields, and
 short names for the usual trl fields (`--epochs --lr --batch-size --grad-accum --max-len --seed`).
-`--config run.yaml` may set any `SFTConfig` field. Runs unchanged under `accelerate launch`.
+`--config run.yaml` may set any field of the method's trl config (`SFTConfig`, or `DPOConfig` for
+preference methods). Runs unchanged under `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from latentguard.cli.options import build_config
 from latentguard.errors import ConfigError, DataError
@@ -25,6 +27,7 @@ from latentguard.training import METHODS, TrainConfig, train
 __all__ = ["command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+_TRL_FIELDS = {f.name for cfg in (SFTConfig, DPOConfig) for f in dataclasses.fields(cfg)}
 
 # short flag -> SFTConfig field
 _ALIASES = {
@@ -35,10 +38,9 @@ _ALIASES = {
 }
 
 
-def _own_fields(cls: type[Any], base: type[Any]) -> list[str]:
-    """Fields a class declares itself (not inherited from `base`), minus the aliased trl fields."""
-    names = {f.name for f in dataclasses.fields(base)}
-    return [n for n in cls.__annotations__ if n not in names]
+def _own_fields(cls: type[Any]) -> list[str]:
+    """Fields latentguard's configs add to trl's (model, data or pairs, method, LoRA, method settings)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in _TRL_FIELDS]
 
 
 def _flag_fields() -> list[tuple[str, str, Any, str]]:
@@ -46,14 +48,19 @@ def _flag_fields() -> list[tuple[str, str, Any, str]]:
     hints = typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = [(a, f, hints[f], fields[f].metadata.get("help", "")) for a, f in _ALIASES.items()]
-    out += [(n, n, hints[n], fields[n].metadata.get("help", "")) for n in _own_fields(TrainConfig, SFTConfig)]
+    out += [(n, n, hints[n], fields[n].metadata.get("help", "")) for n in _own_fields(TrainConfig)]
+    owners: dict[str, list[str]] = {}
     for name in METHODS.names():
         cls = METHODS.get(name).config_cls
-        if cls is TrainConfig:
-            continue
-        h, fs = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-        out += [(n, n, h[n], f"[{name}] " + fs[n].metadata.get("help", "")) for n in _own_fields(cls, TrainConfig)
-                if n not in {o[0] for o in out}]
+        if cls is not TrainConfig:
+            for n in _own_fields(cls):
+                owners.setdefault(n, []).append(name)
+    seen = {o[0] for o in out}
+    for n, names in owners.items():
+        if n not in seen:
+            cls = METHODS.get(names[0]).config_cls
+            help_ = next(f for f in dataclasses.fields(cls) if f.name == n).metadata.get("help", "")
+            out.append((n, n, typing.get_type_hints(cls)[n], f"[{', '.join(names)}] {help_}"))
     return out
 
 
@@ -88,7 +95,7 @@ def _config(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
     stray = sorted(k for k, v in values.items() if v is not None and k not in known)
     if stray:
         raise ConfigError(f"--{stray[0].replace('_', '-')} does not apply to method {method!r}; drop it or pick its method.")
-    if values.get("data_dir") is None:
+    if values.get("data_dir") is None and "data_dir" in known:
         try:
             values["data_dir"] = str(shared_data_dir())
         except DataError:
@@ -102,7 +109,9 @@ def command(config_file: str | None, **flags: Any) -> int:
     """Fine-tune a model (LoRA by default); resumable with --resume; see docs/training.md."""
     cfg = _config(config_file, flags)
     result = train(cfg)
-    if cfg.process_index == 0:
+    if cfg.process_index == 0 and result.artifact is not None:
+        click.echo(f"wrote {result.artifact} (stages and logs in {result.out})")
+    elif cfg.process_index == 0:
         adapter = "model" if cfg.full else "adapter"
         click.echo(f"wrote {result.out}/{adapter}, {result.out}/log.jsonl, {result.out}/loss.png")
         if not cfg.full:

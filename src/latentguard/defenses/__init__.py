@@ -84,4 +84,4 @@ def apply_defenses(model: nn.Module, defenses: Sequence[Defense]) -> Iterator[No
 
 def _import_builtin() -> None:
     """Import the modules that register built-in defences (registration happens on import)."""
-    from latentguard.defenses import conditional, pas, safetylock, steering  # noqa: F401
+    from latentguard.defenses import conditional, mogu, pas, safetylock, steering  # noqa: F401

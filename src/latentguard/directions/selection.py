@@ -115,7 +115,7 @@ def layer_cutoff(n_layers: int, prune_layer_fraction: float) -> int:
 
 
 def candidate_failures(scores: CandidateScores, n_layers: int, cfg: SelectionConfig) -> list[list[list[str]]]:
-    """Per candidate [p][l], the filters it fails (empty list: it survives)."""
+    """Per candidate `[p][l]`, the filters it fails (empty list: it survives)."""
     cutoff = layer_cutoff(n_layers, cfg.prune_layer_fraction)
     grid: list[list[list[str]]] = []
     for i in range(len(scores.positions)):

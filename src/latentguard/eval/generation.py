@@ -8,6 +8,7 @@ else is an error naming the line.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -24,10 +25,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 
+from latentguard.attacks import Attack
 from latentguard.defenses import Defense, apply_defenses
 from latentguard.errors import ConfigError, DataError, OutputExistsError
 from latentguard.eval.datasets import Record
-from latentguard.models import LoadedModel, format_prompts
+from latentguard.models import LoadedModel, format_chats
+from latentguard.models.chat import Message
 
 __all__ = ["GENERATIONS_FILE", "GenerationConfig", "JsonlStore", "generate", "open_generations", "record_key"]
 
@@ -62,9 +65,15 @@ class GenerationConfig:
         return s
 
 
-def record_key(fingerprint: str, defenses: Sequence[dict[str, Any]], prompt: str, settings: dict[str, Any]) -> str:
-    """sha256 of (model fingerprint, defence descriptions, formatted prompt, settings)."""
-    payload = {"model": fingerprint, "defenses": list(defenses), "prompt": prompt, "settings": settings}
+def record_key(fingerprint: str, defenses: Sequence[dict[str, Any]], prompt: str, settings: dict[str, Any],
+               attack: dict[str, Any] | None = None) -> str:
+    """sha256 of (model fingerprint, defence descriptions, formatted prompt, settings[, attack description]).
+
+    Without an attack the payload (and so every key of an unattacked run) is what it always was.
+    """
+    payload: dict[str, Any] = {"model": fingerprint, "defenses": list(defenses), "prompt": prompt, "settings": settings}
+    if attack is not None:
+        payload["attack"] = attack
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -171,11 +180,13 @@ def _generate_batch(
     return rows
 
 
-def _record(key: str, rec: Record, prompt: str, row: tuple[str, int, bool], meta: dict[str, Any]) -> dict[str, Any]:
+def _record(key: str, rec: Record, prompt: str, row: tuple[str, int, bool], meta: dict[str, Any],
+            messages: list[Message] | None = None) -> dict[str, Any]:
     text, n_new, stopped = row
+    sent = {} if messages is None else {"messages": messages}
     return {
         "key": key, "dataset": rec.source, "id": rec.id, "category": rec.category,
-        "prompt": rec.prompt, "formatted_prompt": prompt, "response": text,
+        "prompt": rec.prompt, "formatted_prompt": prompt, **sent, "response": text,
         "n_new_tokens": n_new, "finish_reason": "stop" if stopped else "length",
         "extra": rec.extra, **meta,
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -189,30 +200,41 @@ def generate(
     store: JsonlStore,
     defenses: Sequence[Defense] = (),
     progress: bool = True,
+    messages: Sequence[list[Message]] | None = None,
+    attack: Attack | None = None,
 ) -> list[str]:
     """Generate a response for every record not yet in `store`; return every record's key, in order.
 
     Prompts are chat-formatted, left-padded and batched; defences wrap each batch. Sampled
     decoding is seeded per batch, so it repeats only for the same batch composition.
+
+    Args:
+        messages: per record, the conversation to send instead of the record's prompt (an
+            attacked prompt); the record keeps the original request as `prompt`.
+        attack: the attack that built `messages` and/or transforms the model while it generates
+            (entered outside the defences); its description joins each key and record.
     """
     described = [d.describe() for d in defenses]
     settings = cfg.settings()
-    prompts = format_prompts(loaded.tokenizer, [r.prompt for r in records], cfg.system)
-    keys = [record_key(loaded.info.fingerprint, described, p, settings) for p in prompts]
+    chats = list(messages) if messages is not None else [[{"role": "user", "content": r.prompt}] for r in records]
+    prompts = format_chats(loaded.tokenizer, chats, cfg.system)
+    attack_desc = attack.describe() if attack is not None else None
+    keys = [record_key(loaded.info.fingerprint, described, p, settings, attack_desc) for p in prompts]
     first = {k: i for i, k in reversed(list(enumerate(keys)))}  # a repeated prompt runs once
     todo = [i for i, k in enumerate(keys) if k not in store and first[k] == i]
     meta = {"model": {"model_id": loaded.info.model_id, "fingerprint": loaded.info.fingerprint},
-            "defenses": described, "settings": settings}
+            "defenses": described, "settings": settings, **({"attack": attack_desc} if attack_desc else {})}
+    transform = attack.apply if attack is not None else (lambda _m: contextlib.nullcontext())
     hf_cfg = _hf_config(loaded, cfg)
     name = records[0].source if records else ""
     bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"generate {name}", unit="prompt", disable=not progress)
     n_tokens, t0 = 0, time.perf_counter()
     for batch in _batches(todo, cfg.batch_size):
         seed = cfg.seed ^ int(keys[batch[0]][:8], 16)
-        with apply_defenses(loaded.model, defenses):
+        with transform(loaded.model), apply_defenses(loaded.model, defenses):
             rows = _generate_batch(loaded, [prompts[i] for i in batch], hf_cfg, seed)
         for i, row in zip(batch, rows):
-            store.append(_record(keys[i], records[i], prompts[i], row, meta))
+            store.append(_record(keys[i], records[i], prompts[i], row, meta, chats[i] if messages is not None else None))
         n_tokens += sum(r[1] for r in rows)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.1f}")

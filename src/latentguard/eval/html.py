@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["fig_to_svg", "new_figure", "render"]
+__all__ = ["fig_to_svg", "new_figure", "new_figure_row", "render"]
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("latentguard.eval", "templates"),
@@ -31,6 +31,12 @@ def render(template: str, **context: Any) -> str:
 def new_figure(width: float = 7.0, height: float = 3.2) -> tuple[Figure, Any]:
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     return fig, ax
+
+
+def new_figure_row(width: float, height: float, width_ratios: list[float]) -> tuple[Figure, list[Any]]:
+    """One row of axes with the given relative widths."""
+    fig, axes = plt.subplots(1, len(width_ratios), figsize=(width, height), width_ratios=width_ratios, layout="constrained")
+    return fig, list(axes)
 
 
 def fig_to_svg(fig: Figure) -> str:

@@ -1,11 +1,13 @@
 """HTML report for one or more `latentguard eval` runs, rendered from their files alone
 (run.json, summary.json, generations.jsonl, judgements.jsonl): tables with 95% CIs, a
-safety-vs-usability Pareto plot when runs are compared, examples and judge disagreements."""
+safety-vs-usability Pareto plot when runs are compared, examples and judge disagreements, and
+for attack × defence runs a heat map of the harmful rate beside each defence's over-refusal."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,9 @@ from typing import Any
 from latentguard import __version__
 from latentguard.artifacts import git_commit
 from latentguard.errors import DataError
-from latentguard.eval.html import fig_to_svg, new_figure, render
+from latentguard.eval.html import fig_to_svg, new_figure, new_figure_row, render
 
-__all__ = ["RunView", "load_run", "render_eval_report", "write_eval_report"]
+__all__ = ["RunView", "load_run", "matrix_view", "render_eval_report", "write_eval_report"]
 
 
 @dataclass
@@ -30,6 +32,9 @@ class RunView:
 
 def _label(summary: dict[str, Any]) -> str:
     run = summary["run"]
+    if "matrix" in summary:
+        m = summary["matrix"]
+        return f"{run['model']['model_id']} · {len(m['attacks'])} attacks × {len(m['defenses'])} defences"
     defs = [d.get("defense", "?") + ("" if d.get("alpha") is None else f"(α={d['alpha']})") for d in run.get("defenses", [])]
     return run["model"]["model_id"] + (" + " + " + ".join(defs) if defs else "")
 
@@ -121,10 +126,58 @@ def _disagreements(run: RunView) -> list[dict[str, Any]]:
     return out
 
 
+def matrix_view(run: RunView) -> dict[str, Any] | None:
+    """Rows = defence columns, columns = attacks: harmful rate per cell, over-refusal per defence."""
+    m = run.summary.get("matrix")
+    if not m:
+        return None
+    attacks = [a["label"] for a in m["attacks"]]
+    defenses = [d["label"] for d in m["defenses"]]
+    cells = [[m["harmful_rate"].get(a, {}).get(d) for a in attacks] for d in defenses]
+    over = [m["overrefusal"].get(d) for d in defenses]
+    judges = sorted({c["judge"] for row in cells for c in row if c and c.get("judge")})
+    return {"attacks": attacks, "defenses": defenses, "cells": cells, "overrefusal": over, "judges": judges,
+            "svg": _heatmap(attacks, defenses, cells, over)}
+
+
+def _value(c: dict[str, Any] | None) -> float:
+    return float("nan") if not c or c.get("value") is None else 100 * float(c["value"])
+
+
+def _annotate(ax: Any, values: list[list[float]]) -> None:
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            known = not math.isnan(v)
+            ax.text(j, i, f"{v:.0f}" if known else "—", ha="center", va="center", fontsize=9,
+                    color="white" if known and v > 60 else "black")
+
+
+def _heatmap(attacks: list[str], defenses: list[str], cells: list[list[Any]], over: list[Any]) -> str:
+    """Harmful rate (defence × attack, reds) with over-refusal per defence beside it (blues), in %."""
+    harm = [[_value(c) for c in row] for row in cells]
+    ref = [[_value(o)] for o in over]
+    long_a, long_d = max(map(len, attacks), default=4), max(map(len, defenses), default=4)
+    fig, (ax, ax2) = new_figure_row(2.6 + 0.8 * len(attacks) + 0.07 * long_d, 1.4 + 0.42 * len(defenses) + 0.06 * long_a,
+                                    [max(1, len(attacks)), 1])
+    ax.imshow(harm, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(defenses)), defenses, fontsize=8)
+    ax.set_xlabel("attack", fontsize=8)
+    ax.set_ylabel("defence", fontsize=8)
+    ax.set_title("harmful rate (%)", fontsize=9)
+    _annotate(ax, harm)
+    ax2.imshow(ref, cmap="Blues", vmin=0, vmax=100, aspect="auto")
+    ax2.set_xticks([0], ["benign"], fontsize=8)
+    ax2.set_yticks(range(len(defenses)), [""] * len(defenses))
+    ax2.set_title("over-refusal (%)", fontsize=9)
+    _annotate(ax2, ref)
+    return fig_to_svg(fig)
+
+
 def render_eval_report(runs: list[RunView]) -> str:
     heads = [_headline(r) for r in runs]
     return render(
-        "eval.html.j2", runs=runs, heads=heads, pareto=_pareto(heads),
+        "eval.html.j2", runs=runs, heads=heads, pareto=_pareto(heads), matrices=[matrix_view(r) for r in runs],
         disagreements=[_disagreements(r) for r in runs],
         version=__version__, commit=git_commit(),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

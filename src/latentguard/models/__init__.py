@@ -1,7 +1,7 @@
 """Model loading, architecture table and chat formatting."""
 
-from latentguard.models.arch import ARCHS, ArchSpec, arch_of, normalize_layer, text_config
-from latentguard.models.chat import eoi_token_ids, format_prompts
+from latentguard.models.arch import ARCHS, PROJECTION_ROLES, ArchSpec, arch_of, normalize_layer, text_config
+from latentguard.models.chat import eoi_token_ids, format_chats, format_prompts
 from latentguard.models.loading import (
     EMBEDDED,
     LoadedModel,
@@ -16,6 +16,7 @@ from latentguard.models.loading import (
 __all__ = [
     "ARCHS",
     "EMBEDDED",
+    "PROJECTION_ROLES",
     "ArchSpec",
     "LoadedModel",
     "ModelInfo",
@@ -24,6 +25,7 @@ __all__ = [
     "embedded_gguf",
     "eoi_token_ids",
     "fingerprint",
+    "format_chats",
     "format_prompts",
     "load_model",
     "model_info",

@@ -15,7 +15,9 @@ from torch import nn
 
 from latentguard.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["ARCHS", "ArchSpec", "arch_of", "normalize_layer", "text_config"]
+__all__ = ["ARCHS", "PROJECTION_ROLES", "ArchSpec", "arch_of", "normalize_layer", "text_config"]
+
+PROJECTION_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class ArchSpec:
     final_norm: str  # norm before the unembedding, from the top-level model
     pos_embed: str | None = None  # learned positional embedding, if any
     conv1d: bool = False  # GPT-2 style Conv1D: weight stored [in, out]
+    # separate projections by role (None: fused or absent, e.g. GPT-2's c_attn); from attn / mlp
+    q_proj: str | None = "q_proj"
+    k_proj: str | None = "k_proj"
+    v_proj: str | None = "v_proj"
+    gate_proj: str | None = "gate_proj"
+    up_proj: str | None = "up_proj"
 
     def get(self, root: nn.Module, path: str) -> nn.Module:
         mod: Any = root
@@ -65,6 +73,23 @@ class ArchSpec:
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
         return self.get(self.mlp_module(model, layer), self.down_proj)
 
+    def projection_module(self, model: nn.Module, layer: int, role: str) -> nn.Module:
+        """A block's linear projection by role: q, k, v, o (attention) or gate, up, down (MLP)."""
+        if role == "o":
+            return self.o_proj_module(model, layer)
+        if role == "down":
+            return self.down_proj_module(model, layer)
+        if role not in PROJECTION_ROLES:
+            raise ConfigError(f"Unknown projection role {role!r}; use one of {', '.join(PROJECTION_ROLES)}.")
+        path = getattr(self, f"{role}_proj")
+        if path is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no separate {role} projection (fused); pick other roles or add its "
+                "path to models/arch.py."
+            )
+        parent = self.attn_module(model, layer) if role in ("q", "k", "v") else self.mlp_module(model, layer)
+        return self.get(parent, path)
+
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
@@ -94,6 +119,7 @@ ARCHS: dict[str, ArchSpec] = {
         final_norm="transformer.ln_f",
         pos_embed="transformer.wpe",
         conv1d=True,
+        q_proj=None, k_proj=None, v_proj=None, gate_proj=None, up_proj=None,
     ),
 }
 

@@ -8,9 +8,10 @@ from transformers import PreTrainedTokenizerBase
 
 from latentguard.errors import ConfigError
 
-__all__ = ["ChatPair", "eoi_token_ids", "format_prompts"]
+__all__ = ["ChatPair", "Message", "eoi_token_ids", "format_chats", "format_prompts"]
 
 ChatPair = tuple[str, str]
+Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": ...}
 _PLACEHOLDER = "\x00LATENTGUARD_INSTRUCTION\x00"
 
 
@@ -29,12 +30,21 @@ def format_prompts(
 
     `system=None` keeps the template's own default (SmolLM2 injects one); record which form you use.
     """
+    return format_chats(tok, [[{"role": "user", "content": p}] for p in prompts], system)
+
+
+def format_chats(
+    tok: PreTrainedTokenizerBase, chats: Sequence[Sequence[Message]], system: str | None = None
+) -> list[str]:
+    """Render conversations (user and assistant turns, ending with a user turn) plus the generation prompt.
+
+    The system prompt follows the same policy as `format_prompts`, so a one-turn chat renders
+    exactly like the plain prompt.
+    """
     _require_template(tok)
     out = []
-    for p in prompts:
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": p}
-        ]
+    for chat in chats:
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [dict(m) for m in chat]
         out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
     return out
 

@@ -1,7 +1,9 @@
-"""`TrainConfig`: trl's `SFTConfig` plus latentguard's fields (model, data mix, method, LoRA).
+"""`TrainConfig`: trl's `SFTConfig` plus latentguard's fields (model, data mix, method, LoRA);
+`PreferenceConfig`: trl's `DPOConfig` plus the same run fields and `--pairs`.
 
-Method configs subclass `TrainConfig` (so every training config is an `SFTConfig`); the CLI
-builds flags from the latentguard fields and accepts any `SFTConfig` field via `--config run.yaml`.
+Method configs subclass one of the two (SFT methods `TrainConfig`, preference methods
+`PreferenceConfig`); the CLI builds flags from the latentguard fields and accepts any trl
+config field via `--config run.yaml`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from latentguard.errors import ConfigError
 
-__all__ = ["TARGET_ALIASES", "LoraSpec", "TrainConfig", "parse_lora"]
+__all__ = ["TARGET_ALIASES", "LoraSpec", "PreferenceConfig", "TrainConfig", "parse_lora"]
 
 # Short LoRA target names -> module names of the Llama-like layout (others pass through).
 TARGET_ALIASES = {
@@ -63,51 +65,100 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class TrainConfig(SFTConfig):
-    """Fine-tuning run: SFTConfig with CPU-friendly defaults and latentguard's own fields."""
+class _RunFields:
+    """latentguard's fields and CPU-friendly trl defaults shared by every training config."""
 
     model: str = field(default="embedded", metadata=_help("model spec: embedded, a directory, a .gguf file or a hub id"))
-    data: list[str] = field(default_factory=list, metadata=_help(
-        "NAME_OR_FILE[:weight], repeatable; weight 0.5 = that fraction per epoch, 100 = that many rows per epoch"))
-    method: str = field(default="sft", metadata=_help("training method (latentguard list methods)"))
-    lora: str = field(default="r=8,alpha=16,targets=q,k,v,o", metadata=_help("LoRA r, alpha, dropout and target modules"))
+    lora: str = field(default="r=8,alpha=16,targets=q,k,v,o", metadata=_help(
+        "LoRA r, alpha, dropout and target modules; 'none' trains only the method's extra modules"))
     full: bool = field(default=False, metadata=_help("full fine-tuning instead of LoRA"))
-    prompt_column: str | None = field(default=None, metadata=_help("prompt column of data files (default: auto)"))
-    response_column: str | None = field(default=None, metadata=_help("response column of data files (default: auto)"))
-    data_dir: str | None = field(default=None, metadata=_help("folder of the named data sets (default: the shared data folder)"))
     resume: bool = field(default=False, metadata=_help("resume from the last checkpoint in the output directory"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing output directory"))
     plot: bool = field(default=True, metadata=_help("write loss.png and loss.html next to log.jsonl"))
     # trl / transformers defaults changed for small CPU runs
     output_dir: str | None = field(default=None, metadata=_help("run directory: log, checkpoints, adapter"))
-    learning_rate: float = field(default=2e-4, metadata=_help("peak learning rate"))
     num_train_epochs: float = field(default=1.0, metadata=_help("epochs over the (re-sampled) data mix"))
-    max_length: int | None = field(default=512, metadata=_help("truncate prompt+response to this many tokens"))
     logging_steps: float = field(default=1, metadata=_help("log every N optimizer steps"))
     save_steps: float = field(default=50, metadata=_help("checkpoint every N optimizer steps"))
     save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept"))
-    completion_only_loss: bool | None = field(default=True, metadata=_help("loss on response tokens only"))
     bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision (GPU)"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("deprecated alias of activation_checkpointing"))
     activation_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
     report_to: str | list[str] | None = field(default="none", metadata=_help("trackers (none, tensorboard, wandb, ...)"))
     optim: str = field(default="adamw_torch", metadata=_help("optimizer name"))
 
-    def __post_init__(self) -> None:
+    def _check_before_trl(self) -> None:
         if not self.output_dir:
             raise ConfigError("No output directory; pass --out DIR.")
         if not torch.cuda.is_available():
             self.use_cpu = True
-        super().__post_init__()
-        if not self.completion_only_loss:
-            raise ConfigError("completion_only_loss=False trains on prompts; latentguard masks prompts, keep it true.")
-        if self.full and self.lora != TrainConfig.lora:
+
+    def _check_after_trl(self, method: str) -> None:
+        if self.full and self.lora != _RunFields.lora:
             raise ConfigError("--full and --lora exclude each other; drop one.")
-        if not self.full:
+        if not self.full and not self.lora_none:
             parse_lora(self.lora)
-        if not re.fullmatch(r"[a-z0-9_]+", self.method):
-            raise ConfigError(f"method={self.method!r}; use a registered name (latentguard list methods).")
+        if not re.fullmatch(r"[a-z0-9_]+", method):
+            raise ConfigError(f"method={method!r}; use a registered name (latentguard list methods).")
+
+    @property
+    def lora_none(self) -> bool:
+        """`--lora none`: no adapter, the base stays frozen, only the method's extra modules train."""
+        return self.lora.strip().lower() == "none"
 
     @property
     def lora_spec(self) -> LoraSpec | None:
-        return None if self.full else parse_lora(self.lora)
+        return None if self.full or self.lora_none else parse_lora(self.lora)
+
+
+@dataclass
+class TrainConfig(_RunFields, SFTConfig):  # type: ignore[misc]  # trl's own field types disagree with TrainingArguments
+    """Fine-tuning run: SFTConfig with CPU-friendly defaults and latentguard's own fields."""
+
+    data: list[str] = field(default_factory=list, metadata=_help(
+        "NAME_OR_FILE[:weight], repeatable; weight 0.5 = that fraction per epoch, 100 = that many rows per epoch"))
+    method: str = field(default="sft", metadata=_help("training method (latentguard list methods)"))
+    prompt_column: str | None = field(default=None, metadata=_help("prompt column of data files (default: auto)"))
+    response_column: str | None = field(default=None, metadata=_help("response column of data files (default: auto)"))
+    data_dir: str | None = field(default=None, metadata=_help("folder of the named data sets (default: the shared data folder)"))
+    learning_rate: float = field(default=2e-4, metadata=_help("peak learning rate"))
+    max_length: int | None = field(default=512, metadata=_help("truncate prompt+response to this many tokens"))
+    completion_only_loss: bool | None = field(default=True, metadata=_help("loss on response tokens only"))
+
+    def __post_init__(self) -> None:
+        self._check_before_trl()
+        super().__post_init__()
+        if not self.completion_only_loss:
+            raise ConfigError("completion_only_loss=False trains on prompts; latentguard masks prompts, keep it true.")
+        self._check_after_trl(self.method)
+
+
+@dataclass
+class PreferenceConfig(_RunFields, DPOConfig):  # type: ignore[misc]  # as TrainConfig
+    """Preference run (`dpo`, `fpo`): DPOConfig with the spec's FPO/DPO training defaults (fpo.md §3).
+
+    Paper recipe: Adam betas (0.9, 0.95), weight decay 1e-4, grad clip 1.0, lr 5e-7 with 150 warm-up
+    steps then constant, 32 pairs per step (here 4 per device x 8 accumulation), length 1024.
+    """
+
+    pairs: str | None = field(default=None, metadata=_help("preference pairs: JSONL/JSON/CSV with prompt, chosen, rejected"))
+    method: str = field(default="dpo", metadata=_help("training method (latentguard list methods)"))
+    learning_rate: float = field(default=5e-7, metadata=_help("peak learning rate"))
+    max_length: int | None = field(default=1024, metadata=_help("truncate prompt+response to this many tokens"))
+    per_device_train_batch_size: int = field(default=4, metadata=_help("pairs per device and step"))
+    gradient_accumulation_steps: int = field(default=8, metadata=_help("micro-batches per optimizer step"))
+    warmup_steps: float = field(default=150, metadata=_help("linear warm-up steps"))
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata=_help("learning-rate schedule"))
+    adam_beta2: float = field(default=0.95, metadata=_help("Adam beta2"))
+    weight_decay: float = field(default=1e-4, metadata=_help("weight decay"))
+
+    def __post_init__(self) -> None:
+        self._check_before_trl()
+        super().__post_init__()
+        if not self.pairs:
+            raise ConfigError("No preference pairs; pass --pairs FILE (prompt, chosen, rejected; "
+                              "`latentguard reference pairs` builds the safety pairs).")
+        if self.lora_none and not self.full:
+            raise ConfigError("--lora none trains only a method's extra modules and preference methods add none; "
+                              "pass a LoRA spec or --full.")
+        self._check_after_trl(self.method)

@@ -18,7 +18,9 @@ from latentguard.artifacts import sha256_of_texts
 from latentguard.errors import ConfigError, DataError
 from latentguard.registry import Registry
 
-__all__ = ["TRAIN_SETS", "DataSpec", "NamedSet", "Pair", "load_spec", "pairs_hash", "parse_data_spec", "read_pairs"]
+__all__ = [
+    "TRAIN_SETS", "DataSpec", "NamedSet", "Pair", "load_spec", "pairs_hash", "parse_data_spec", "read_pairs", "read_prompts",
+]
 
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "goal", "query")
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion", "target", "chosen")
@@ -130,6 +132,22 @@ def read_pairs(
             prompt = f"{prompt}\n\n{extra}"
         pairs.append(Pair(prompt, response, source or str(path)))
     return pairs
+
+
+def read_prompts(path: str | os.PathLike[str], prompt_column: str | None = None) -> list[str]:
+    """Prompts only (direction contrast sets): a .txt file (one per line), or records with a prompt column."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(f"Prompt file {path} does not exist; pass an existing file.")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows: list[Any] = _rows(path)
+    if rows and all(isinstance(r, str) for r in rows):
+        return [str(r) for r in rows if str(r).strip()]
+    if not rows or not isinstance(rows[0], dict):
+        raise DataError(f"{path} holds no prompts; pass a list of strings or of objects with a prompt column.")
+    col = _column(path, rows[0], prompt_column, PROMPT_COLUMNS, "prompt")
+    return [str(r[col]) for r in rows if isinstance(r.get(col), str) and r[col].strip()]
 
 
 def load_spec(

@@ -49,7 +49,10 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_plot(log_path: str | Path, title: str) -> list[Path]:
-    """`loss.png` and a self-contained `loss.html` beside the log: loss and method terms per step."""
+    """`loss.png` and a self-contained `loss.html` beside the log: loss and method terms per step.
+
+    Per-layer families logged as `name/LAYER` are left out; plot them from `log.jsonl`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +60,8 @@ def write_plot(log_path: str | Path, title: str) -> list[Path]:
 
     rows = [r for r in read_log(log_path) if "loss" in r]
     keys = ["loss"] + sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))
-                              and k not in ("step", "loss", "learning_rate", *_SKIP) and not k.startswith("train_")})
+                              and k not in ("step", "loss", "learning_rate", *_SKIP) and not k.startswith("train_")
+                              and "/" not in k})  # `name/layer` families (per-layer drift) would swamp the plot
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,19 +21,28 @@ from typing import Any, cast
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from latentguard import __version__
 from latentguard.artifacts import SCHEMA_VERSION, Artifact, git_commit, write_json
 from latentguard.errors import ArtifactError, ConfigError, DataError, OutputExistsError
 from latentguard.models import LoadedModel, ModelInfo, load_model
-from latentguard.training.config import LoraSpec, TrainConfig
+from latentguard.training.config import LoraSpec, PreferenceConfig, TrainConfig
 from latentguard.training.data import Pair, load_spec, pairs_hash, parse_data_spec
 from latentguard.training.logs import LOG_FILE, JsonlLogger, write_plot
 from latentguard.training.methods import METHODS, TrainingMethod
+from latentguard.training.preference import (
+    PreferenceMethod,
+    PreferenceTrainer,
+    pairs_sha256,
+    preference_dataset,
+    read_preference_pairs,
+)
 from latentguard.training.trainer import MODULES_KEY, LatentGuardTrainer, save_modules, tapped_model
 
-__all__ = ["RUN_KIND", "TrainResult", "check_run_model", "read_run_meta", "train", "wrap_lora"]
+__all__ = ["RUN_KIND", "TrainResult", "check_run_model", "lora_config", "read_run_meta", "train", "train_preference",
+           "wrap_lora"]
 
 RUN_KIND = "training_run"
 METHOD_DIR = "method"
@@ -41,8 +51,10 @@ METHOD_DIR = "method"
 @dataclass
 class TrainResult:
     out: Path
-    trainer: LatentGuardTrainer
+    trainer: Trainer | None  # LatentGuardTrainer (PreferenceTrainer for preference methods); None when a
+    # multi-stage method had nothing left to train
     metrics: dict[str, Any]
+    artifact: Path | None = None  # what a multi-stage method produced (e.g. the MoGU artefact)
 
 
 def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
@@ -65,8 +77,8 @@ def check_run_model(run_dir: str | Path, meta: dict[str, Any], info: ModelInfo) 
         )
 
 
-def wrap_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """PEFT LoRA on `spec.targets`; a target that matches no module raises naming the candidates."""
+def lora_config(model: nn.Module, spec: LoraSpec) -> LoraConfig:
+    """PEFT LoRA config on `spec.targets`; a target that matches no module raises naming the candidates."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     for t in spec.targets:
         if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names):
@@ -75,9 +87,13 @@ def wrap_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
                 f"LoRA target {t!r} matches no module of {type(model).__name__}; use some of {', '.join(leaves)} "
                 "(or q,k,v,o) in --lora targets=..."
             )
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM",
-                     target_modules="all-linear" if "all-linear" in spec.targets else list(spec.targets))
-    return get_peft_model(model, cfg)
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM",
+                      target_modules="all-linear" if "all-linear" in spec.targets else list(spec.targets))
+
+
+def wrap_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
+    """`model` wrapped with PEFT LoRA on `spec.targets` (see `lora_config`)."""
+    return get_peft_model(model, lora_config(model, spec))
 
 
 def _load_sources(cfg: TrainConfig) -> list[tuple[Any, list[Pair]]]:
@@ -97,7 +113,7 @@ def _to_dataset(sources: list[tuple[Any, list[Pair]]]) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def _prepare_out(cfg: TrainConfig, out: Path) -> str | None:
+def _prepare_out(cfg: TrainConfig | PreferenceConfig, out: Path) -> str | None:
     """Check the output directory; return the checkpoint to resume from (if --resume)."""
     if cfg.resume:
         last = get_last_checkpoint(str(out)) if out.is_dir() else None
@@ -113,7 +129,11 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> str | None:
     return None
 
 
-def _write_meta(out: Path, cfg: TrainConfig, loaded: LoadedModel, sources: list[tuple[Any, list[Pair]]]) -> None:
+def _data_meta(sources: list[tuple[Any, list[Pair]]]) -> list[dict[str, Any]]:
+    return [{"source": s.source, "weight": s.weight, "rows": len(p), "sha256": pairs_hash(p)} for s, p in sources]
+
+
+def _write_meta(out: Path, cfg: TrainConfig | PreferenceConfig, loaded: LoadedModel, data: list[dict[str, Any]]) -> None:
     spec = cfg.lora_spec
     write_json(out / "meta.json", {
         "kind": RUN_KIND, "schema": SCHEMA_VERSION, "latentguard_version": __version__,
@@ -122,7 +142,7 @@ def _write_meta(out: Path, cfg: TrainConfig, loaded: LoadedModel, sources: list[
         "model_spec": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model,
         "model": loaded.info.as_meta(), "method": cfg.method,
         "lora": dataclasses.asdict(spec) if spec else None, "full": cfg.full,
-        "data": [{"source": s.source, "weight": s.weight, "rows": len(p), "sha256": pairs_hash(p)} for s, p in sources],
+        "data": data,
         "config": {k: v for k, v in cfg.to_dict().items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     })
 
@@ -132,14 +152,19 @@ def _build_model(cfg: TrainConfig, method: TrainingMethod, loaded: LoadedModel) 
     spec = cfg.lora_spec
     if spec is not None:
         model = wrap_lora(model, spec)
+    elif cfg.lora_none and not cfg.full:
+        model.requires_grad_(False)
     extra = method.add_modules(tapped_model(model))
+    if cfg.lora_none and not cfg.full and not extra:
+        raise ConfigError(f"--lora none trains only a method's extra modules, and method {cfg.method!r} adds none; "
+                          "pass a LoRA spec or --full.")
     if extra:
         model.add_module(MODULES_KEY, nn.ModuleDict(extra))
         getattr(model, MODULES_KEY).requires_grad_(True)
     return model
 
 
-def _prepare_method(method: TrainingMethod, trainer: LatentGuardTrainer, out: Path, loaded: LoadedModel,
+def _prepare_method(method: TrainingMethod, trainer: LatentGuardTrainer | PreferenceTrainer, out: Path, loaded: LoadedModel,
                     resuming: bool) -> None:
     art_dir = out / METHOD_DIR
     if resuming and art_dir.is_dir():
@@ -151,15 +176,24 @@ def _prepare_method(method: TrainingMethod, trainer: LatentGuardTrainer, out: Pa
         art.save(art_dir, model=loaded.info)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig | PreferenceConfig) -> TrainResult:
     """Run one fine-tuning job as configured; returns the run directory and the trainer."""
-    method = METHODS.get(cfg.method)(cfg)
+    method = METHODS.get(cfg.method)(cast(Any, cfg))
+    if (method.kind == "preference") != isinstance(cfg, PreferenceConfig):
+        raise ConfigError(f"Method {cfg.method!r} takes a {method.config_cls.__name__}, not a {type(cfg).__name__}; "
+                          "build that config (the CLI does).")
+    if isinstance(cfg, PreferenceConfig):
+        return train_preference(cfg, cast(PreferenceMethod, method))
+    staged = method.run()  # a multi-stage method calls train() once per stage itself
+    if staged is not None:
+        return cast(TrainResult, staged)
     out = Path(str(cfg.output_dir))
     checkpoint = _prepare_out(cfg, out)
     sources = _load_sources(cfg)
     loaded = load_model(cfg.model)
     if checkpoint is not None:
         check_run_model(out, read_run_meta(out), loaded.info)
+    method.setup(loaded)
     model = _build_model(cfg, method, loaded)
     trainer = LatentGuardTrainer(
         model=model, args=cfg, train_dataset=_to_dataset(sources), processing_class=loaded.tokenizer,
@@ -167,7 +201,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     out.mkdir(parents=True, exist_ok=True)
     if cfg.process_index == 0 and checkpoint is None:
-        _write_meta(out, cfg, loaded, sources)
+        _write_meta(out, cfg, loaded, _data_meta(sources))
     _prepare_method(method, trainer, out, loaded, checkpoint is not None)
     metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     final = out / ("model" if cfg.full else "adapter")
@@ -177,4 +211,39 @@ def train(cfg: TrainConfig) -> TrainResult:
         save_modules(cast(nn.Module, trainer.model), final)
     if cfg.process_index == 0 and cfg.plot and (out / LOG_FILE).is_file():
         write_plot(out / LOG_FILE, f"{cfg.method} on {loaded.info.model_id}: {', '.join(cfg.data)}")
+    return TrainResult(out=out, trainer=trainer, metrics=metrics)
+
+
+def train_preference(cfg: PreferenceConfig, method: PreferenceMethod,
+                     callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """`train` for preference methods (trl's DPOTrainer): same run directory, resume and outputs.
+
+    `callbacks` are added to the trainer's (e.g. per-step cost measurements).
+    """
+    out = Path(str(cfg.output_dir))
+    checkpoint = _prepare_out(cfg, out)
+    pairs = read_preference_pairs(str(cfg.pairs))
+    loaded = load_model(cfg.model)
+    if checkpoint is not None:
+        check_run_model(out, read_run_meta(out), loaded.info)
+    method.setup(loaded)
+    spec = cfg.lora_spec
+    trainer = PreferenceTrainer(
+        model=loaded.model.train(), args=cfg, train_dataset=preference_dataset(pairs),
+        processing_class=loaded.tokenizer, peft_config=lora_config(loaded.model, spec) if spec else None,
+        method=method, callbacks=[JsonlLogger(out / LOG_FILE), *method.callbacks(), *callbacks],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.process_index == 0 and checkpoint is None:
+        kinds = {k: sum(p.kind == k for p in pairs) for k in sorted({p.kind for p in pairs})}
+        _write_meta(out, cfg, loaded, [{"source": str(cfg.pairs), "rows": len(pairs), "sha256": pairs_sha256(pairs),
+                                        "kinds": kinds}])
+    _prepare_method(method, trainer, out, loaded, checkpoint is not None)
+    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    final = out / ("model" if cfg.full else "adapter")
+    trainer.save_model(str(final))
+    if cfg.process_index == 0:
+        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle, and meta.json has the config
+        if cfg.plot and (out / LOG_FILE).is_file():
+            write_plot(out / LOG_FILE, f"{cfg.method} on {loaded.info.model_id}: {Path(str(cfg.pairs)).name}")
     return TrainResult(out=out, trainer=trainer, metrics=metrics)

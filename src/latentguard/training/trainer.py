@@ -2,9 +2,12 @@
 
 - `compute_loss` taps the method's sites live during trl's own forward and adds the method's
   loss terms (logged under their names next to trl's metrics).
+  Values from the method's `metrics()` are logged the same way without entering the loss.
 - `create_optimizer` takes the method's parameter groups (per-module learning rates).
 - `_get_train_sampler` re-samples the data mix every epoch (seeded, identical on every rank).
-- Extra trainable modules are saved next to every checkpoint and loaded back on resume.
+- Extra trainable modules are saved next to every checkpoint and loaded back on resume; with
+  `--lora none` they are all a checkpoint holds.
+- A method with `replaces_ce` supplies the whole loss (its own CE from `TrainBatch.log_probs`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from latentguard.training.capture import capture_live
 from latentguard.training.methods.base import TrainBatch, TrainingMethod
 from latentguard.training.mixing import MixtureSampler, per_epoch_count
 
-__all__ = ["MODULES_FILE", "MODULES_KEY", "LatentGuardTrainer", "load_modules", "save_modules", "tapped_model"]
+__all__ = ["MODULES_FILE", "MODULES_KEY", "LatentGuardTrainer", "load_modules", "modules_only", "save_modules", "tapped_model"]
 
 MODULES_KEY = "latentguard_modules"  # attribute holding a method's extra modules
 MODULES_FILE = "latentguard_modules.safetensors"
 _INDEX, _SOURCE = "lg_index", "lg_source"  # dataset columns: row id and mix source
+
+
+def modules_only(args: Any) -> bool:
+    """`--lora none` without `--full`: only the method's extra modules train."""
+    return not getattr(args, "full", False) and str(getattr(args, "lora", "")).strip().lower() == "none"
 
 
 def tapped_model(model: nn.Module | None) -> nn.Module:
@@ -85,6 +93,8 @@ class LatentGuardTrainer(SFTTrainer):
         self.weights = list(weights)
         self.data_collator = _IndexCollator(self.data_collator)
         self.add_callback(_ModuleSaver())
+        for callback in method.callbacks():
+            self.add_callback(callback)
         self._sites = method.sites(tapped_model(self.model))
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -105,17 +115,24 @@ class LatentGuardTrainer(SFTTrainer):
         """trl's loss plus the method's terms, from hidden states of the same forward."""
         index = inputs.pop(_INDEX, None)
         with capture_live(tapped_model(model), self._sites) as hidden:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
+            if self.method.replaces_ce:  # trl's fused forward (label log-probs, no logits); the method makes the loss
+                outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+                loss = outputs.log_probs.new_zeros(())
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                loss, outputs = result if return_outputs else (result, None)
         ids = inputs["input_ids"]
         batch = TrainBatch(ids, inputs.get("attention_mask", torch.ones_like(ids)), inputs["labels"],
-                           index if index is not None else torch.arange(len(ids)))
+                           index if index is not None else torch.arange(len(ids)),
+                           outputs.log_probs if self.method.replaces_ce else None)
         terms = self.method.loss_terms(hidden, batch, model)
         mode = "train" if model.training else "eval"
         for name, term in terms.items():
             self._metrics[mode][name].append(float(term.detach()))
             loss = loss + term * self._term_scale(num_items_in_batch)
-        return (loss, result[1]) if return_outputs else loss
+        for name, value in self.method.metrics().items():
+            self._metrics[mode][name].append(value)
+        return (loss, outputs) if return_outputs else loss
 
     def _term_scale(self, num_items_in_batch: Any) -> float:
         """Per-batch mean terms need the 1/GA factor that a token-count-normalised CE already has."""
@@ -135,8 +152,18 @@ class LatentGuardTrainer(SFTTrainer):
         return self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not modules_only(self.args):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_modules(cast(nn.Module, self.model), resume_from_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        """With `--lora none` a checkpoint holds the method's modules only (the base never changes)."""
+        if not modules_only(self.args):
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            out = Path(str(output_dir or self.args.output_dir))
+            out.mkdir(parents=True, exist_ok=True)
+            save_modules(cast(nn.Module, self.model), out)
 
 
 def _check_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:
