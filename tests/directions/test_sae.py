@@ -53,9 +53,10 @@ def _random_sae(d: int = 64, m: int = 96, **meta: object) -> SparseAutoencoder:
     return sae
 
 
-def test_training_lowers_the_reconstruction_error(shards):
-    cfg = SAETrainConfig(layer=1, width=128, k=8, epochs=3, batch_tokens=256)
-    untrained, _ = train_sae(shards, "resid_post.1", SAETrainConfig(layer=1, width=128, k=8, epochs=1, lr=0.0))
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_training_lowers_the_reconstruction_error(shards, arch):
+    cfg = SAETrainConfig(layer=1, architecture=arch, width=128, k=8, epochs=3, batch_tokens=256)
+    untrained, _ = train_sae(shards, "resid_post.1", dataclasses.replace(cfg, epochs=1, lr=0.0))
     trained, history = train_sae(shards, "resid_post.1", cfg)
     before, after = evaluate_sae(untrained, shards), evaluate_sae(trained, shards)
     assert after["fvu"] < 0.5 * before["fvu"]

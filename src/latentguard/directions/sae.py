@@ -180,7 +180,7 @@ class SparseAutoencoder(nn.Module):
         sae = cls(int(d_in), int(d_sae), meta)
         with torch.no_grad():
             for k, v in tensors.items():
-                if k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+                if k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold") and getattr(sae, k) is not None:
                     getattr(sae, k).copy_(v.float())
         return sae.requires_grad_(False).eval()
 
