@@ -10,7 +10,7 @@ Steps (each skipped when its output exists, so a rerun resumes; logs in OUT/logs
    the 117 goals of the refusal-direction train split (never advbench-heldout) -> OUT/harmful-ft;
 4. `latentguard eval --attack A --defense D`    -> OUT/matrix (resumable cell by cell), with
    A = none, radial (k=2: attack A), radial k=4 (attack B), the template families, ablate, harmful-ft;
-   D = none, add (alpha 1), conditional, lock, plus `--defense-extra SPEC` columns (e.g. MoGU:
+   D = none, add (alpha 1), conditional, lock (alpha --lock-alpha), plus `--defense-extra SPEC` columns (e.g. MoGU:
    `mogu:DIR`) when given;
 5. one more eval per `--model-row NAME=DIR` (a trained defence such as ProCon is another model): attacks
    none, radial (ranked on that model inside the run) and the templates; ablate / harmful-ft are
@@ -53,6 +53,10 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--defense-extra", action="append", default=[], help="extra defence column spec (repeatable)")
     ap.add_argument("--model-row", action="append", default=[], help="NAME=DIR: a trained-defence model as its own row")
     ap.add_argument("--judge", default="keyword")
+    ap.add_argument("--keyword-mode", default="head", help="keyword judge mode: head (default here: catches a refusal "
+                    "after a quote, speaker tag or 'Sure' preamble, common in attacked answers), anchored or substring")
+    ap.add_argument("--lock-alpha", type=float, default=2.0,
+                    help="SafetyLock strength (2: chosen by `lock tune` in docs/safetylock.md; the paper's 6 degenerates here)")
     args = ap.parse_args(argv)
     if args.quick:
         args.limit, args.max_new_tokens, args.pool, args.harmful_ft_steps = 4, 16, 12, 2
@@ -121,7 +125,8 @@ def _harmful_ft(args: argparse.Namespace, out: Path) -> str | None:
 
 def _eval(args: argparse.Namespace, out: Path, name: str, model: str, attacks: list[str], defenses: list[str]) -> float:
     cmd = ["eval", "--model", model, "--datasets", "advbench-heldout,xstest-safe", "--limit", str(args.limit),
-           "--max-new-tokens", str(args.max_new_tokens), "--judge", args.judge, "--attack", ",".join(attacks),
+           "--max-new-tokens", str(args.max_new_tokens), "--judge", args.judge, "--keyword-mode", args.keyword_mode,
+           "--attack", ",".join(attacks),
            "--defense", ",".join(defenses), "--out", str(out / name)]
     return _cli(cmd, out, name, None)  # eval resumes itself cell by cell
 
@@ -147,7 +152,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in rows:
         lines.append(f"| {r['row']} | " + " | ".join(pct(r["harmful_rate"].get(c)) for c in cols) + f" | {pct(r['overrefusal'])} |")
     note = (f"\nHarmful rate on advbench-heldout ({args.limit} prompts), over-refusal on xstest-safe ({args.limit}); "
-            f"judge {args.judge}, greedy, {args.max_new_tokens} new tokens; model {args.model}.\n")
+            f"judge {args.judge} ({args.keyword_mode}), greedy, {args.max_new_tokens} new tokens; model {args.model}; "
+            "'—': no judgeable response (all empty).\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ft = _harmful_ft(args, out)
     if ft is not None:
         attacks.append(f"harmful-ft:{ft}")
-    defenses = ["none", f"add:{d},alpha=1", f"conditional:{d}", f"lock:{out / 'lock'}", *args.defense_extra]
+    defenses = ["none", f"add:{d},alpha=1", f"conditional:{d}", f"lock:{out / 'lock'},alpha={args.lock_alpha}",
+                *args.defense_extra]
     timings["matrix"] = _eval(args, out, "matrix", args.model, attacks, defenses)
     rows = _table(out / "matrix")
     runs = [out / "matrix"]

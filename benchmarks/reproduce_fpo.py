@@ -243,7 +243,8 @@ def _cost_row(cost: dict[str, Any]) -> dict[str, Any]:
     return {"step_wall_s": statistics.median(s["wall_s"] for s in steps),
             "step_cpu_s": statistics.median(s["cpu_s"] for s in steps),
             "step_peak_mb": max(s["peak_mb"] for s in steps), "setup_wall_s": cost["setup_wall_s"],
-            "train_runtime_s": cost["train_runtime_s"]}
+            "train_runtime_s": cost["train_runtime_s"], "run_cpu_s": cost["total_cpu_s"],
+            "steps_cpu_s": sum(s["cpu_s"] for s in cost["steps"])}
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -252,15 +253,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 def _markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], sae_eval: dict[str, Any]) -> str:
     head = ("| model | harmful rate (advbench-heldout) | over-refusal (XSTest safe) | GSM8K answer NLL | "
-            "drift D chosen / rejected | s per step (wall / CPU) | peak RSS per step | one-time setup |")
+            "drift D chosen / rejected | CPU s per step (wall) | peak RSS per step | CPU s: steps / whole run |")
     lines = [head, "|" + "---|" * 8]
     for name, r in rows.items():
         c = r.get("cost") or {}
         d = r.get("drift") or {}
         lines.append(f"| {name} | {_fmt(r['harmful_rate'], '.0%')} | {_fmt(r['overrefusal'], '.0%')} | "
-                     f"{_fmt(r['gsm8k_nll'], '.3f')} | {_fmt(d.get('chosen'), '.4f')} / {_fmt(d.get('rejected'), '.4f')} | "
-                     f"{_fmt(c.get('step_wall_s'), '.1f')} / {_fmt(c.get('step_cpu_s'), '.1f')} | "
-                     f"{_fmt(c.get('step_peak_mb'), '.0f')} MB | {_fmt(c.get('setup_wall_s'), '.0f')} s |")
+                     f"{_fmt(r['gsm8k_nll'], '.3f')} | {_fmt(d.get('chosen'), '.1f')} / {_fmt(d.get('rejected'), '.1f')} | "
+                     f"{_fmt(c.get('step_cpu_s'), '.1f')} ({_fmt(c.get('step_wall_s'), '.1f')}) | "
+                     f"{_fmt(c.get('step_peak_mb'), '.0f')} MB | {_fmt(c.get('steps_cpu_s'), '.0f')} / "
+                     f"{_fmt(c.get('run_cpu_s'), '.0f')} |")
     h = sae_eval["heldout"]
     lines.append(f"\nSAE resid_post.{args.layer}: m={args.sae_width}, k={args.sae_k}; held-out FVU {h['fvu']:.3f}, "
                  f"L0 {h['l0']:.1f}, dead {sae_eval['train']['dead_fraction']:.1%} over {sae_eval['train']['tokens']} "
