@@ -35,13 +35,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mogu.md §6 sizes (64 + 64 rows, 5 expert epochs, 4 router epochs), 100 test prompts per set. Expert lr 1e-3,
     # not §6's 2e-4: in the quick run 1e-3 x 12 steps left the Unwill expert refusing 12.5 % of benign validation
     # prompts, 2e-3 x 12 steps 100 %; 2e-4 x 40 steps moves the LoRA less than the former
+    # Router lr 2e-3 (§1.3: 5e-4): in the quick run 16 steps at 2e-3 left the gates near 0.5 for both classes and
+    # 48 steps separated them; this preset gives 32 steps.
     "full": {"train": {"mogu_n_harmful": 64, "mogu_n_benign": 64, "mogu_expert_epochs": 5, "mogu_expert_lr": 1e-3,
-                       "mogu_router_epochs": 4},
+                       "mogu_router_epochs": 4, "mogu_router_lr": 2e-3, "mogu_n_borderline": 32},
              "limit": 100, "tokens": 64, "ift_rows": 160, "ift_tokens": 64},
-    # --quick: 32 + 32 rows, 4 expert / 4 router epochs (16 optimizer steps each, so the learning rates are raised
-    # 10x / 4x over the full preset's), 24 test prompts per set
-    "quick": {"train": {"mogu_n_harmful": 32, "mogu_n_benign": 32, "mogu_expert_epochs": 4, "mogu_expert_lr": 2e-3,
-                        "mogu_router_epochs": 4, "mogu_router_lr": 2e-3, "mogu_n_val": 16},
+    # --quick: 32 + 32 rows (+ 16 borderline benign router rows), 4 expert epochs (16 optimizer steps, so the
+    # learning rate is raised 10x over the full preset's), 12 router epochs (60 steps: 16 left the gates near 0.5
+    # for both classes, README), 24 test prompts per set
+    "quick": {"train": {"mogu_n_harmful": 32, "mogu_n_benign": 32, "mogu_n_borderline": 16, "mogu_expert_epochs": 4,
+                        "mogu_expert_lr": 2e-3, "mogu_router_epochs": 12, "mogu_router_lr": 2e-3, "mogu_n_val": 16},
               "limit": 24, "tokens": 32, "ift_rows": 48, "ift_tokens": 48},
 }
 SETS = ("advbench-heldout", "harmbench-test", "xstest-safe", "gsm8k-test")

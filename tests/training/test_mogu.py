@@ -30,10 +30,12 @@ from latentguard.training.methods.mogu import (
     response_ce,
     template_lengths,
 )
+from latentguard.training.borderline import borderline_prompts
 from latentguard.training.mogu_data import first_sentence
+from latentguard.training.reference_data import normalize, read_eval_sets
 from tests.conftest import build_tiny
 
-SMALL = {"mogu_n_harmful": 6, "mogu_n_benign": 6, "mogu_n_val": 4, "mogu_answer_tokens": 8, "mogu_response_tokens": 8,
+SMALL = {"mogu_n_harmful": 6, "mogu_n_benign": 6, "mogu_n_borderline": 3, "mogu_n_val": 4, "mogu_answer_tokens": 8, "mogu_response_tokens": 8,
              "mogu_expert_epochs": 2, "mogu_expert_batch": 4, "mogu_router_epochs": 2, "mogu_router_batch": 4, "mogu_router_accum": 1,
              "plot": False}
 
@@ -135,6 +137,20 @@ def test_v1_stages_train_experts_on_the_out_projection_then_routers(v1_run, tiny
     assert build_defense(f"mogu:{out}", loaded).describe()["layers"] == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params"]["router"] == summary["params"]["spec_v1_router"]
+
+
+def test_router_benign_rows_include_borderline_prompts_but_never_xstest(v1_run):
+    _, out = v1_run
+    router = [json.loads(line) for line in (out / "data" / "router.jsonl").read_text().splitlines()]
+    unwill = {json.loads(line)["prompt"] for line in (out / "data" / "unwill.jsonl").read_text().splitlines()}
+    borderline = set(borderline_prompts(42))
+    extra = [r for r in router if r["prompt"] in borderline]
+    assert len(extra) == 3 and all(r["label"] == 0 for r in extra)  # benign label, router data only
+    assert not unwill & borderline
+    xstest = {normalize(p) for p in read_eval_sets(shared_data_dir()).xstest}
+    assert not {normalize(r["prompt"]) for r in router} & xstest
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["rows"]["router_borderline"] == 3 and manifest["rows"]["router"] == 6 + 6 + 3
 
 
 def test_resume_skips_finished_stages(v1_run, tiny_dir):

@@ -132,8 +132,9 @@ def _data_stage(cfg: MoGUConfig, out: Path, loaded: LoadedModel, log: Log) -> No
         return
     if cfg.data_dir is None:
         raise ConfigError("MoGU builds its data from the shared data folder; set LATENTGUARD_SHARED_DATA or --data-dir.")
-    dcfg = MoGUDataConfig(cfg.mogu_n_harmful, cfg.mogu_n_benign, cfg.mogu_answer_tokens, cfg.mogu_response_tokens,
-                          cfg.mogu_n_val, cfg.seed)
+    dcfg = MoGUDataConfig(n_harmful=cfg.mogu_n_harmful, n_benign=cfg.mogu_n_benign, answer_tokens=cfg.mogu_answer_tokens,
+                          response_tokens=cfg.mogu_response_tokens, n_val=cfg.mogu_n_val, seed=cfg.seed,
+                          n_borderline=cfg.mogu_n_borderline)
     write_mogu_data(out / "data", build_mogu_data(loaded, Path(cfg.data_dir), dcfg, log))
 
 

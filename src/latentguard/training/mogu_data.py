@@ -5,6 +5,10 @@
   embedded model complies readily); rows whose answer is a refusal are dropped.
 - X_b (benign): refusal-direction `harmless_train` instructions; Y_g is the base model's greedy
   first sentence, Y_r one of 8 refusal templates (the first 8 of `reference_data.REFUSALS`) by hash.
+- X_b also takes `n_borderline` of the project's harmful-sounding benign prompts (`borderline.py`,
+  the train share, XSTest near-duplicates dropped) with the base model's answers, in the router data
+  only (label 0): a project extension, not in the paper. Routers trained on plain Alpaca-style X_b lean
+  Unwill on XSTest's safe prompts ("kill a Python process"); 0 gives the spec's data exactly.
 - Files: `glad.jsonl` (X_m -> Y_g, contrast Y_r), `unwill.jsonl` (X_b -> Y_r, contrast Y_g),
   `router.jsonl` ((X_b, Y_g, label 0) ∪ (X_m, Y_r, label 1), shuffled; the label sits in each row),
   `val.json` (harmful_val minus AdvBench/HarmBench, harmless_val: checkpoint selection only).
@@ -43,11 +47,14 @@ class MoGUDataConfig:
     answer_tokens: int = field(default=32, metadata={"help": "greedy tokens of the base model's answers"})
     response_tokens: int = field(default=24, metadata={"help": "targets and contrasts cut to this many tokens"})
     n_val: int = field(default=24, metadata={"help": "validation prompts per side (checkpoint selection)"})
+    n_borderline: int = field(default=0, metadata={"help": "harmful-sounding benign prompts added to the router's X_b"})
     seed: int = field(default=42, metadata={"help": "sampling seed"})
 
     def __post_init__(self) -> None:
         if min(self.n_harmful, self.n_benign, self.n_val) < 2:
             raise ConfigError("MoGU data needs n_harmful, n_benign and n_val >= 2.")
+        if self.n_borderline < 0:
+            raise ConfigError(f"n_borderline={self.n_borderline}; use 0 (spec data) or more borderline router rows.")
         if min(self.answer_tokens, self.response_tokens) < 4:
             raise ConfigError("answer_tokens and response_tokens must be >= 4.")
 
@@ -101,13 +108,22 @@ def build_mogu_data(loaded: LoadedModel, data: Path, cfg: MoGUDataConfig,
         raise DataError(f"Only {len(pool)} fresh refusing safety-tuned-llamas rows; lower n_harmful.")
     x_m = rng.sample(sorted(pool), n_m)
     x_b = rd.harmless_prompts(data, evals, n_b, cfg.seed)
-    log(f"[mogu] base answers for {len(x_m)} harmful + {len(x_b)} benign prompts ({cfg.answer_tokens} tokens)")
-    answers = greedy(loaded, x_m + x_b, cfg.answer_tokens)
+    x_bl: list[str] = []
+    if cfg.n_borderline:
+        train_bl, _ = rd.borderline_split(evals, rd.N_BORDERLINE_VAL, cfg.seed)
+        x_bl = rng.sample(train_bl, min(len(train_bl), int(cfg.n_borderline * spare) + 4))
+    log(f"[mogu] base answers for {len(x_m)} harmful + {len(x_b)} benign + {len(x_bl)} borderline prompts "
+        f"({cfg.answer_tokens} tokens)")
+    answers = greedy(loaded, x_m + x_b + x_bl, cfg.answer_tokens)
     tok = loaded.tokenizer
-    y_g = {p: _cut(tok, first_sentence(a), cfg.response_tokens) for p, a in zip(x_m + x_b, answers)}
+    y_g = {p: _cut(tok, first_sentence(a), cfg.response_tokens) for p, a in zip(x_m + x_b + x_bl, answers)}
     ok = {p for p, a in y_g.items() if a and not rd.is_refusal(a)}
     harmful = [p for p in x_m if p in ok][: cfg.n_harmful]
     benign = [p for p in x_b if p in ok][: cfg.n_benign]
+    borderline = [p for p in x_bl if p in ok][: cfg.n_borderline]
+    if len(borderline) < cfg.n_borderline:
+        raise DataError(f"The base model answered only {len(borderline)} borderline prompts without refusing; "
+                        f"lower n_borderline (asked {cfg.n_borderline}).")
     if len(harmful) < cfg.n_harmful or len(benign) < cfg.n_benign:
         raise DataError(f"The base model complied on only {len(harmful)} harmful / {len(benign)} benign prompts; "
                         "lower n_harmful / n_benign or use a less aligned base (MoGU's Glad data is its compliance).")
@@ -115,16 +131,19 @@ def build_mogu_data(loaded: LoadedModel, data: Path, cfg: MoGUDataConfig,
            **{p: _cut(tok, first_sentence(_template_refusal(p)), cfg.response_tokens) for p in benign}}
     glad = [{"prompt": p, "response": y_g[p], "contrast": y_r[p], "label": 1} for p in harmful]
     unwill = [{"prompt": p, "response": y_r[p], "contrast": y_g[p], "label": 0} for p in benign]
-    router = [{"prompt": p, "response": y_g[p], "label": 0} for p in benign] + \
+    router = [{"prompt": p, "response": y_g[p], "label": 0} for p in benign + borderline] + \
              [{"prompt": p, "response": y_r[p], "label": 1} for p in harmful]
     rng.shuffle(router)
     manifest = {
         "config": cfg.__dict__, "n_harmful_pool": len(pool),
-        "dropped_refusing_answers": {"harmful": len(x_m) - sum(p in ok for p in x_m), "benign": len(x_b) - sum(p in ok for p in x_b)},
-        "rows": {"glad": len(glad), "unwill": len(unwill), "router": len(router)},
+        "dropped_refusing_answers": {"harmful": len(x_m) - sum(p in ok for p in x_m), "benign": len(x_b) - sum(p in ok for p in x_b),
+                                     "borderline": len(x_bl) - sum(p in ok for p in x_bl)},
+        "rows": {"glad": len(glad), "unwill": len(unwill), "router": len(router), "router_borderline": len(borderline)},
         "sources": {"harmful": "safety_tuned_llamas/safety_only_data_Instructions.json (refusing first sentence = Y_r)",
-                    "benign": "refusal_direction_splits/harmless_train.json", "glad_answers": f"greedy, {loaded.info.model_id}"},
-        "sha256": {"harmful": sha256_of_texts(harmful), "benign": sha256_of_texts(benign)},
+                    "benign": "refusal_direction_splits/harmless_train.json", "glad_answers": f"greedy, {loaded.info.model_id}",
+                    "borderline": "latentguard.training.borderline (train share; XSTest near-duplicates dropped)"},
+        "sha256": {"harmful": sha256_of_texts(harmful), "benign": sha256_of_texts(benign),
+                   **({"borderline": sha256_of_texts(borderline)} if borderline else {})},
     }
     return {"glad": glad, "unwill": unwill, "router": router,
             "val": _validation(data, evals, cfg.n_val, cfg.seed), "manifest": manifest}

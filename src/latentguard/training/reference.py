@@ -50,7 +50,7 @@ class ReferenceConfig:
     n_refusal: int = field(default=160, metadata=_h("harmful instructions paired with refusals"))
     n_retain: int = field(default=160, metadata=_h("harmless instructions paired with the base model's answers"))
     retain_tokens: int = field(default=48, metadata=_h("max new tokens of those answers"))
-    n_borderline_val: int = field(default=30, metadata=_h("harmful-sounding benign prompts kept aside to check over-refusal"))
+    n_borderline_val: int = field(default=rd.N_BORDERLINE_VAL, metadata=_h("harmful-sounding benign prompts kept aside to check over-refusal"))
     max_borderline_refusal: float = field(default=0.25, metadata=_h("stop adding epochs once the borderline validation refusal rate exceeds this"))
     aligned_lora: str = field(default="r=16,alpha=32,targets=all-linear", metadata=_h("LoRA of the alignment run"))
     aligned_lr: float = field(default=3e-4, metadata=_h("learning rate of the alignment run"))

@@ -146,6 +146,9 @@ def harmless_prompts(data: Path, evals: EvalSets, n: int, seed: int) -> list[str
     return random.Random(seed).sample(pool, n)
 
 
+N_BORDERLINE_VAL = 30  # borderline prompts kept aside as validation (never trained on)
+
+
 def borderline_split(evals: EvalSets, n_val: int, seed: int) -> tuple[list[str], list[str]]:
     """The project's harmful-sounding benign prompts (`borderline`), minus anything in or near XSTest,
     split into (train, validation): the validation share is never trained on."""

@@ -71,6 +71,8 @@ class MoGUConfig(TrainConfig):
     mogu_answer_tokens: int = field(default=32, metadata=_h("greedy tokens of the base model's own answers (Y_g)"))
     mogu_response_tokens: int = field(default=24, metadata=_h("targets cut to this many tokens (first sentences)"))
     mogu_n_val: int = field(default=24, metadata=_h("validation prompts per side for expert checkpoint selection"))
+    mogu_n_borderline: int = field(default=16, metadata=_h("harmful-sounding benign prompts added to the router's benign rows "
+                                                            "(project extension against over-refusal; 0 = the spec's data)"))
     mogu_expert_lora: str = field(default="r=8,alpha=16,dropout=0.05", metadata=_h("expert LoRA (targets: the out-projection)"))
     mogu_expert_lr: float = field(default=2e-4, metadata=_h("expert learning rate (spec §6: 2e-4; the embedded model needed 1e-3 to 2e-3, docs/mogu.md)"))
     mogu_expert_epochs: int = field(default=5, metadata=_h("expert epochs (a checkpoint each)"))
