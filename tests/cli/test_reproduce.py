@@ -88,3 +88,16 @@ def test_shipped_recipes_load(tmp_path):
     for path in sorted(root.glob("*.yaml")):
         full, quick = load_recipe(path), load_recipe(path, quick=True)
         assert full.rows and quick.rows and quick.out != full.out
+
+
+def test_env_references_take_the_variable_then_the_default(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nrows: [{name: a, model: '{env:LG_TEST_MODEL:-models/default}'}]\n")
+    monkeypatch.delenv("LG_TEST_MODEL", raising=False)
+    assert load_recipe(recipe).rows[0]["model"] == "models/default"
+    monkeypatch.setenv("LG_TEST_MODEL", "/weights/here")
+    assert load_recipe(recipe).rows[0]["model"] == "/weights/here"
+    recipe.write_text("name: x\nrows: [{name: a, model: '{env:LG_TEST_UNSET}'}]\n")
+    monkeypatch.delenv("LG_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match=r"needs \$LG_TEST_UNSET.*set it"):
+        load_recipe(recipe)

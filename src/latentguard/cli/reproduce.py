@@ -8,7 +8,8 @@ A recipe (YAML, see configs/reproduce/) has three parts:
 - `eval`: `latentguard eval` settings shared by every row (suite, datasets, limit, judge, ...).
 - `rows`: one `latentguard eval` run each (`model`, optional `defense`, optional per-row `eval`
   overrides, `group` for the table). Eval runs resume themselves; a finished row is skipped.
-`{out}` in any string is replaced by the output folder; `{json:PATH#KEY}` in a row's defence by a
+`{out}` in any string is replaced by the output folder, `{env:NAME:-DEFAULT}` by an environment variable
+(e.g. where a large model's local weights live; no default and unset is an error); `{json:PATH#KEY}` in a row's defence by a
 value a step wrote (e.g. the alpha `lock tune` chose). `quick:` is merged over the recipe by
 `--quick` (small limits; CI-scale smoke runs). Every step and row runs as its own process, so a
 model's memory is returned between them and a crash names the stage.
@@ -62,9 +63,21 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
+_ENV_REF = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _env(m: re.Match[str]) -> str:
+    name, default = m.group(1), m.group(2)
+    if name in os.environ:
+        return os.environ[name]
+    if default is None:
+        raise ConfigError(f"The recipe needs ${name} ({m.group(0)}); set it, e.g. {name}=/path/to/local/weights.")
+    return default
+
+
 def _subst(value: Any, out: str) -> Any:
     if isinstance(value, str):
-        return value.replace("{out}", out)
+        return _ENV_REF.sub(_env, value.replace("{out}", out))
     if isinstance(value, list):
         return [_subst(v, out) for v in value]
     if isinstance(value, dict):
@@ -194,6 +207,12 @@ def summarize_row(run_dir: Path) -> dict[str, Any]:
         if key in block:
             row[entry["role"]][name] = {"value": block[key]["value"], "ci95": block[key].get("ci95"),
                                         "n": entry["n"], "judge": judge}
+    if "matrix" in summary:  # an `--attack` x `--defense` run: keep its harmful-rate grid for the table
+        m = summary["matrix"]
+        row["matrix"] = {"attacks": [a["label"] for a in m["attacks"]], "defenses": [d["label"] for d in m["defenses"]],
+                         "harmful_rate": {a: {d: (c or {}).get("value") for d, c in by_d.items()}
+                                          for a, by_d in m["harmful_rate"].items()},
+                         "overrefusal": {d: (c or {}).get("value") for d, c in m.get("overrefusal", {}).items()}}
     row["harmful_mean"] = _mean([v["value"] for v in row["harmful"].values()])
     row["overrefusal_mean"] = _mean([v["value"] for v in row["overrefusal"].values()])
     row["nll_mean"] = _mean(list(row["nll"].values()))
@@ -233,6 +252,24 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _matrix_tables(rows: list[dict[str, Any]]) -> str:
+    """One attack x defence table (harmful %) per matrix row, with the defences' over-refusal as the last line."""
+    parts = []
+    for r in rows:
+        m = r.get("matrix")
+        if not m:
+            continue
+        head = ["attack \\ defence", *m["defenses"]]
+        lines = [f"\nAttack x defence, row `{r['name']}` (model `{r['model']}`): harmful %", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a in m["attacks"]:
+            lines.append("| " + " | ".join([a, *(_pct(m["harmful_rate"].get(a, {}).get(d)) for d in m["defenses"])]) + " |")
+        if m["overrefusal"]:
+            lines.append("| " + " | ".join(["*over-refusal*", *(_pct(m["overrefusal"].get(d)) for d in m["defenses"])]) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
+
+
 def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print) -> Path:
     """Run the recipe's steps and rows (resuming), then write results.json, results.md and report.html."""
     out = recipe.out
@@ -269,7 +306,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print)
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     write_json(out / "results.json", doc)
-    (out / "results.md").write_text(_table(results))
+    (out / "results.md").write_text(_table(results) + _matrix_tables(results))
     write_eval_report([r["run_dir"] for r in results], out / "report.html")
     echo(f"[reproduce] wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
     return out
