@@ -2,7 +2,11 @@
 mllr, mix and procon+mix with the same data, steps and seed, each merged and evaluated.
 
 Runs (all from `refs/aligned`, LoRA r=8/α=16 on q,k,v,o, lr 2e-4, batch 8, `--steps` optimizer
-steps, seed 42, data `refs/data/ift.jsonl`):
+steps, seed 42). Training data, identical for every run (procon.md §9): the first `--gsm8k-rows` GSM8K rows
+of `refs/data/ift.jsonl` plus `--attack-ift` Attack-IFT rows (AdvBench goal -> its affirmative "Sure, here
+is" target), which make the erosion fast and measurable. The spec draws those goals from AdvBench minus
+harmful_train; we draw them from the 117 AdvBench goals inside harmful_train instead (as the harmful-FT
+reference does), so `advbench-heldout` -- the evaluation set -- stays untouched by construction:
 - sft            `--method procon --procon-alpha 0`: bit-identical training to `--method sft`
                  (tests/training/test_procon.py), and it logs the projection drift for the plot;
 - procon         ProCon_s: α = `--alpha` on every step;
@@ -42,14 +46,14 @@ from transformers import set_seed
 from latentguard.artifacts import Artifact, write_json
 from latentguard.directions.drift import DriftConfig, class_stats, compare_stats
 from latentguard.directions.modules import ModuleScoreConfig, module_data_from_splits, score_modules
-from latentguard.eval.datasets import shared_data_dir
+from latentguard.eval.datasets import resolve_dataset, shared_data_dir
 from latentguard.eval.judges.direction import DirectionJudge
 from latentguard.eval.runner import EvalConfig, run_eval
 from latentguard.models import load_model
 from latentguard.training import METHODS, train
 from latentguard.training.logs import read_log
 from latentguard.training.merge import MERGED_META, merge_run
-from latentguard.training.reference_data import REFUSALS, is_refusal
+from latentguard.training.reference_data import REFUSALS, harmful_ft_pairs, is_refusal, normalize, read_eval_sets
 
 DATASETS = ("advbench-heldout", "harmbench-test", "xstest-safe", "gsm8k-test")
 HARMFUL = ("advbench-heldout", "harmbench-test")
@@ -70,7 +74,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--refs", default="refs", help="reference folder: aligned/, data/ift.jsonl, data/aligned.jsonl")
     ap.add_argument("--out", default="out/procon", help="output folder (rerun to resume)")
     ap.add_argument("--quick", action="store_true", help="2 steps, --limit 4, 8 new tokens, small direction/scoring sets")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of every run (40 = 2 epochs of 160 rows at batch 8)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every run (20 = 2 epochs of 64 + 16 rows at batch 8)")
+    ap.add_argument("--gsm8k-rows", type=int, default=64, help="GSM8K rows of refs/data/ift.jsonl in the IFT set (spec: 64)")
+    ap.add_argument("--attack-ift", type=int, default=16, help="Attack-IFT rows in the IFT set (spec: 16; 0 = GSM8K only)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=42)
@@ -80,7 +86,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mllr-lambda", type=float, default=0.1)
     ap.add_argument("--safety", choices=("refs", "shared"), default="refs",
                     help="safety rows: refusal rows of refs/data/aligned.jsonl, or the shared Bianchi `safety` set")
-    ap.add_argument("--safety-rows", type=int, default=16, help="safety rows mixed in per epoch (10%% of 160 IFT rows)")
+    ap.add_argument("--safety-rows", type=int, default=16, help="safety rows mixed in per epoch (spec: 16)")
     ap.add_argument("--limit", type=int, default=48, help="prompts per evaluation set")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--eval-batch-size", type=int, default=16)
@@ -111,7 +117,11 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
         ap.error("--steps, --limit, --safety-rows and --batch-size must be >= 1.")
     if min(args.alpha, args.warmup_alpha) < 0 or not 0 <= args.mllr_lambda <= 1:
         ap.error("--alpha and --warmup-alpha must be >= 0, --mllr-lambda in [0, 1].")
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 3)
+    if args.gsm8k_rows < 1 or args.attack_ift < 0:
+        ap.error("--gsm8k-rows must be >= 1 and --attack-ift >= 0.")
+    # default warm-up: the first epoch (the spec's one warm-up epoch, inside the same total steps as every run)
+    epoch = max(1, -(-(args.gsm8k_rows + args.attack_ift) // args.batch_size))
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else max(1, min(epoch, args.steps // 2))
     if not 0 < args.warmup_steps <= args.steps:
         ap.error(f"--warmup-steps {args.warmup_steps} must be in 1..--steps ({args.steps}).")
     args.run_list, args.judge_list = runs, judges
@@ -138,6 +148,26 @@ def _safety_data(args: argparse.Namespace, out: Path) -> str:
     return f"{path}:{args.safety_rows}"
 
 
+def _ift_data(args: argparse.Namespace, out: Path) -> str:
+    """The IFT set every run trains on: GSM8K rows + Attack-IFT rows (disjoint from every eval set), written once."""
+    path = out / "data" / "ift.jsonl"
+    if not path.is_file():
+        gsm = [json.loads(x) for x in (Path(args.refs) / "data" / "ift.jsonl").read_text().splitlines() if x.strip()]
+        if len(gsm) < args.gsm8k_rows:
+            raise SystemExit(f"--gsm8k-rows {args.gsm8k_rows}: refs/data/ift.jsonl has only {len(gsm)} rows.")
+        evals = read_eval_sets(shared_data_dir())
+        attack = harmful_ft_pairs(evals, args.attack_ift, args.seed) if args.attack_ift else []
+        rows = gsm[: args.gsm8k_rows] + [{"prompt": g, "response": t, "source": "attack-ift"} for g, t in attack]
+        heldout = {normalize(r.prompt) for r in resolve_dataset("advbench-heldout").load()}
+        assert not heldout & {normalize(g) for g, _ in attack}, "Attack-IFT rows overlap advbench-heldout"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+        _log(f"IFT set: {args.gsm8k_rows} GSM8K + {len(attack)} Attack-IFT rows -> {path}")
+    return str(path)
+
+
 def _runs(args: argparse.Namespace, scores: Path | None) -> list[Run]:
     n_dir = 8 if args.quick else 128
     warm = {"procon_alpha": 0.0, "procon_warmup_steps": args.warmup_steps, "procon_warmup_alpha": args.warmup_alpha}
@@ -161,7 +191,7 @@ def _train(args: argparse.Namespace, out: Path, run: Run, safety: str) -> None:
         _log(f"train {run.name}: done, skipped")
         return
     resume = run_dir.is_dir() and any(run_dir.glob("checkpoint-*"))
-    data = [str(Path(args.refs) / "data" / "ift.jsonl")] + ([safety] if run.mix else [])
+    data = [_ift_data(args, out)] + ([safety] if run.mix else [])
     cls = METHODS.get(run.method).config_cls
     _log(f"train {run.name} ({run.method} {run.options}){' resuming' if resume else ''}")
     set_seed(args.seed)  # the LoRA init draws from the global RNG: every run starts from the same adapter
@@ -370,7 +400,9 @@ def _markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], judges:
         f"{s} {_fmt(None if i is None or b is None else i - b)} points" for s, i, b in rise) +
         f"; at n = {args.limit} per set one prompt is {100 / args.limit:.1f} points, so a cut of a rise of a few "
         "points is noise."] if rise else []
-    setup = (f"{args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; eval --limit {args.limit}, "
+    setup = (f"IFT set: {args.gsm8k_rows} GSM8K + {args.attack_ift} Attack-IFT rows (harmful_train goals, disjoint from "
+             f"advbench-heldout); {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; "
+             f"ProCon α {args.alpha}, warm-up α {args.warmup_alpha} for {args.warmup_steps} steps; eval --limit {args.limit}, "
              f"greedy, {args.max_new_tokens} new tokens.")
     return "\n".join([f"# ProCon reproduction ({'quick' if args.quick else 'full'})", "", setup, "", *lines, "", *goal,
                       *notes, "", "![drift](drift_training.png)", ""])
