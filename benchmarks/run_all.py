@@ -69,6 +69,7 @@ class Goal:
     cpu_control: str | None = None
     unit: str = ""
     each: bool = False  # one row per key the `re:` pattern matches
+    note: str | None = None  # the goal column's text for an 'info' row (default: the peer-ratio reading)
 
 
 GOALS = (
@@ -107,6 +108,12 @@ GOALS = (
     Goal("latentguard ÷ nnsight, capture speed", "peers", "latentguard_over_nnsight_capture", "info",
          cpu="capture.cpu_time.latentguard_over_nnsight_speed"),
     Goal("  captured values equal to nnsight's (max |diff| = 0)", "peers", "capture.max_abs_diff", "<=", 0.0),
+    Goal("RADIAL attack construction (pool of 500, embedded model)", "attack", "radial_construction_s", "info",
+         unit=" s", cpu="radial_construction_cpu_s", note="none (issue 10: measure)"),
+    Goal("  its share of one eval run (construction ÷ construction + eval)", "attack", "radial_share_of_eval", "info",
+         note="none (issue 10: measure)"),
+    Goal("  shared prompt cache ÷ full forwards, tendency scoring speed", "attack", "shared_cache_vs_full_forward.speedup_wall",
+         "info", cpu="shared_cache_vs_full_forward.speedup_cpu", note="none (> 1: the cache is faster)"),
 )
 
 
@@ -157,9 +164,9 @@ def _judge(op: str, goal: float | None, value: Any, control: Any) -> str:
     return "ok" if ok else "MISSED"
 
 
-def _goal_text(op: str, goal: float | None, unit: str) -> str:
+def _goal_text(op: str, goal: float | None, unit: str, note: str | None = None) -> str:
     if op == "info":
-        return "none (> 1: latentguard faster)"
+        return note or "none (> 1: latentguard faster)"
     if op == "true":
         return "true"
     if op == "~1":
@@ -171,7 +178,7 @@ def _rows(g: Goal, rec: dict[str, Any] | None, script_status: str, use_cpu: bool
     """The goal's row(s) from one record: one per matching key with `each`, else the first match."""
     base: dict[str, Any] = {"label": g.label, "script": f"bench_{g.script}", "key": None, "value": None, "cpu": None,
                             "control": None, "unit": g.unit, "status": script_status,
-                            "goal": _goal_text(g.op, g.goal, g.unit) if g.op != "script" else "set by the script"}
+                            "goal": _goal_text(g.op, g.goal, g.unit, g.note) if g.op != "script" else "set by the script"}
     if rec is None:
         return [base]
     flat = _flatten(rec)
@@ -197,7 +204,7 @@ def _row(g: Goal, rec: dict[str, Any], flat: dict[str, Any], key: str, use_cpu: 
     judged_on_cpu = use_cpu and cpu is not None and isinstance(value, (int, float))
     return {"label": f"{g.label}: {key}" if g.each else g.label, "script": f"bench_{g.script}", "key": key,
             "value": value, "cpu": cpu, "control": control, "cpu_control": cpu_control, "unit": g.unit,
-            "goal": goal_text or _goal_text(op, goal, g.unit), "judged_on": "cpu" if judged_on_cpu else "wall",
+            "goal": goal_text or _goal_text(op, goal, g.unit, g.note), "judged_on": "cpu" if judged_on_cpu else "wall",
             "status": _judge(op, goal, cpu if judged_on_cpu else value, cpu_control if judged_on_cpu else control)}
 
 

@@ -9,8 +9,8 @@ A recipe (YAML, see configs/reproduce/) has three parts:
 - `rows`: one `latentguard eval` run each (`model`, optional `defense`, optional per-row `eval`
   overrides, `group` for the table). Eval runs resume themselves; a finished row is skipped.
 `{out}` in any string is replaced by the output folder, `{env:NAME:-DEFAULT}` by an environment variable
-(e.g. where a large model's local weights live; no default and unset is an error); `{json:PATH#KEY}` in a row's defence by a
-value a step wrote (e.g. the alpha `lock tune` chose). `quick:` is merged over the recipe by
+(e.g. where a large model's local weights live; no default and unset is an error); `{json:PATH#KEY}`, in a
+row's model or defence, by a value a step wrote (e.g. the alpha `lock tune` chose). `quick:` is merged over the recipe by
 `--quick` (small limits; CI-scale smoke runs). Every step and row runs as its own process, so a
 model's memory is returned between them and a crash names the stage.
 
@@ -184,7 +184,7 @@ def resolve_refs(value: str, dry_run: bool = False) -> str:
 
 
 def _row_argv(recipe: Recipe, row: dict[str, Any], out: Path, dry_run: bool = False) -> list[str]:
-    settings = {**recipe.eval, **(row.get("eval") or {}), "model": row["model"], "out": str(out)}
+    settings = {**recipe.eval, **(row.get("eval") or {}), "model": resolve_refs(str(row["model"]), dry_run), "out": str(out)}
     if row.get("defense"):
         defs = row["defense"] if isinstance(row["defense"], list) else [row["defense"]]
         settings["defense"] = [resolve_refs(d, dry_run) for d in defs]
@@ -237,6 +237,7 @@ def _cell(entry: dict[str, Any] | None) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    rows = [r for r in rows if not r.get("matrix")]  # attack x defence rows get their own tables
     harm_sets = list(dict.fromkeys(s for r in rows for s in r["harmful"]))
     over_sets = list(dict.fromkeys(s for r in rows for s in r["overrefusal"]))
     util_sets = list(dict.fromkeys(s for r in rows for s in r["nll"]))
@@ -267,6 +268,8 @@ def _matrix_tables(rows: list[dict[str, Any]]) -> str:
         if m["overrefusal"]:
             lines.append("| " + " | ".join(["*over-refusal*", *(_pct(m["overrefusal"].get(d)) for d in m["defenses"])]) + " |")
         parts.append("\n".join(lines) + "\n")
+    if parts:
+        parts.append("\n'—': no judgeable response in that cell (every response empty).\n")
     return "".join(parts)
 
 
@@ -298,7 +301,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print)
             write_json(timings_path, timings)
         defense = row.get("defense") or []
         defense = [resolve_refs(d) for d in (defense if isinstance(defense, list) else [defense])]
-        results.append({"name": row["name"], "group": row.get("group", ""), "model": row["model"],
+        results.append({"name": row["name"], "group": row.get("group", ""), "model": resolve_refs(str(row["model"])),
                         "defense": defense, "run_dir": str(run_dir),
                         "wall_s": timings.get(row["name"]), **summarize_row(run_dir)})
     doc = {"kind": "reproduce_results", "recipe": recipe.name, "description": recipe.description, "eval": recipe.eval,
