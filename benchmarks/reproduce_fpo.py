@@ -15,7 +15,12 @@ Stages (each skipped when its output exists: rerun the same command to resume):
           allocated), plus the one-time setup (loading, tokenising, reference passes).
 4. eval   `latentguard eval` (keyword judge, greedy) of embedded and each run: advbench-heldout
           (harmful rate), xstest-safe (over-refusal), gsm8k-test (answer NLL), --limit prompts each.
-5. drift  FPO's D (mean over the union of top-k SAE latents of (c̄_model − c̄_embedded)²) on the
+5. sweep  FPO at each `--sweep` alpha (same pairs, steps, seed), scored on VALIDATION prompts only:
+          harmful = refusal-direction harmful_val (HarmBench val behaviours) minus every AdvBench goal,
+          the HarmBench test split, XSTest and every pair prompt; over-refusal = the project's borderline validation share (never trained on,
+          XSTest near-duplicates removed). The alpha with the lowest harmful + over-refusal rate wins
+          (ties: the smaller alpha) and only that model is evaluated on the test sets, as `fpo-tuned`.
+6. drift  FPO's D (mean over the union of top-k SAE latents of (c̄_model − c̄_embedded)²) on the
           held-out pairs, chosen and rejected responses.
 Outputs in --out: pairs.jsonl, sae/, runs/<run>/ (+ cost.json), eval/<model>/, results.json,
 results.md; the record also goes to benchmarks/results/reproduce_fpo.json (--quick: not written).
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -45,7 +51,8 @@ from _common import machine, write_result
 from latentguard.artifacts import write_json
 from latentguard.directions.sae import load_sae, pooled_pair_codes
 from latentguard.directions.sae_train import SAETrainConfig, build_sae
-from latentguard.eval.datasets import shared_data_dir
+from latentguard.eval.datasets import resolve_dataset, shared_data_dir
+from latentguard.training import reference_data as rd
 from latentguard.eval.runner import EvalConfig, run_eval
 from latentguard.models import load_model
 from latentguard.training import METHODS
@@ -71,6 +78,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-6, help="spec §9: 5e-6, raised from the paper's 5e-7 to see a change")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--sweep", default="0.05,0.1,0.2",
+                    help="extra FPO alphas scored on the validation prompts ('' = none); --alpha and 0 are always scored")
+    ap.add_argument("--val-limit", type=int, default=32, help="validation prompts per side for the alpha sweep")
     ap.add_argument("--k", type=int, default=16, help="fpo_k (spec §9 small-scale check: 16)")
     ap.add_argument("--max-len", type=int, default=192)
     ap.add_argument("--layer", type=int, default=29)
@@ -85,6 +95,13 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.n_harmful, args.n_benign, args.train_pairs, args.steps = 8, 4, 8, 2
         args.sae_width, args.sae_tokens, args.limit, args.max_new_tokens = 256, 3000, 4, 16
+        args.sweep, args.val_limit = "0.1", 4
+    try:
+        args.sweep_alphas = sorted({float(a) for a in args.sweep.split(",") if a.strip()} - {0.0, args.alpha})
+    except ValueError:
+        ap.error(f"--sweep {args.sweep!r}: a comma list of numbers, e.g. 0.05,0.1,0.2")
+    if any(a < 0 for a in args.sweep_alphas) or args.alpha < 0:
+        ap.error("FPO alphas must be >= 0.")
     return args
 
 
@@ -161,7 +178,7 @@ def _config(args: argparse.Namespace, out: Path, name: str, pairs: Path, sae: Pa
     }
     if name == "dpo":
         return PreferenceConfig(method="dpo", **common)
-    alpha = 0.0 if name == "fpo-a0" else args.alpha
+    alpha = 0.0 if name == "fpo-a0" else float(name.removeprefix("fpo-a")) if name.startswith("fpo-a") else args.alpha
     return FPOConfig(fpo_sae=str(sae), fpo_alpha=alpha, fpo_k=args.k, **common)
 
 
@@ -214,6 +231,47 @@ def _eval(args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     return {"harmful_rate": value("advbench-heldout", "judges", "keyword", "refusal", "asr", "value"),
             "overrefusal": value("xstest-safe", "judges", "keyword", "refusal", "overrefusal_rate", "value"),
             "gsm8k_nll": value("gsm8k-test", "utility", "nll_per_token", "value")}
+
+
+def _sweep_name(alpha: float) -> str:
+    return f"fpo-a{alpha:g}"
+
+
+def _validation(args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
+    """Validation prompts for the alpha sweep, disjoint from every eval set and every pair prompt."""
+    harmful, benign = out / "val-harmful.jsonl", out / "val-borderline.jsonl"
+    if not benign.is_file():
+        evals = rd.read_eval_sets(shared_data_dir())
+        split = shared_data_dir() / "refusal_direction_splits" / "harmful_val.json"
+        used = {rd.normalize(r["goal"]) for r in evals.advbench} | {rd.normalize(p.prompt) for p in
+                                                                      read_preference_pairs(out / "pairs.jsonl")}
+        for name in ("harmbench-test", "xstest-safe", "xstest-unsafe"):  # the test sets; HarmBench val stays usable
+            used |= {rd.normalize(r.prompt) for r in resolve_dataset(name).load()}
+        pool = [r["instruction"] for r in json.loads(split.read_text()) if rd.normalize(r["instruction"]) not in used]
+        _, border_val = rd.borderline_split(evals, rd.N_BORDERLINE_VAL, 0)  # the reference build's validation share
+        pick = random.Random(args.seed)
+        harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in pick.sample(pool, min(args.val_limit, len(pool)))))
+        benign.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in border_val[: args.val_limit]))
+    return harmful, benign
+
+
+def _val_eval(args: argparse.Namespace, out: Path, name: str, sets: tuple[Path, Path]) -> dict[str, float | None]:
+    dest = out / "val" / name
+    if not (dest / "summary.json").is_file():
+        _log(f"validation eval {name}")
+        run_eval(EvalConfig(model=_model_path(out, name), datasets=f"{sets[0]}:role=harmful,{sets[1]}:role=overrefusal",
+                            judge="keyword", max_new_tokens=args.max_new_tokens, batch_size=16, seed=args.seed,
+                            out=str(dest)))
+    ds = json.loads((dest / "summary.json").read_text())["datasets"]
+    by_role = {v["role"]: v for v in ds.values()}
+    h = by_role["harmful"]["judges"]["keyword"]["refusal"]["asr"]["value"]
+    o = by_role["overrefusal"]["judges"]["keyword"]["refusal"]["overrefusal_rate"]["value"]
+    return {"harmful_rate": h, "overrefusal": o, "sum": h + o}
+
+
+def _choose(curve: dict[str, dict[str, Any]]) -> str:
+    """Lowest validation harmful + over-refusal; ties go to the smaller alpha."""
+    return min(curve, key=lambda n: (round(curve[n]["sum"], 9), curve[n]["alpha"]))
 
 
 def _drift(args: argparse.Namespace, out: Path, names: list[str], held: Path) -> dict[str, dict[str, float]]:
@@ -273,6 +331,18 @@ def _markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], sae_eva
     return "\n".join(lines) + "\n"
 
 
+def _sweep_markdown(sweep: dict[str, Any]) -> str:
+    lines = ["", "Alpha sweep on validation prompts (harmful: refusal-direction harmful_val = HarmBench val, minus every test set; "
+             "over-refusal: borderline validation share):", "",
+             "| model | alpha | val harmful rate | val over-refusal | sum |", "|---|---|---|---|---|"]
+    for n, r in {**sweep["baselines"], **sweep["curve"]}.items():
+        alpha = _fmt(r.get("alpha"), "g")
+        mark = " **(chosen)**" if n == sweep["chosen"] else ""
+        lines.append(f"| {n}{mark} | {alpha} | {_fmt(r['harmful_rate'], '.0%')} | {_fmt(r['overrefusal'], '.0%')} | "
+                     f"{_fmt(r['sum'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.child:
@@ -283,14 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     train_pairs, held = _pairs(args, out)
     sae = _sae(args, out, train_pairs)
     costs = {name: _cost_row(_train(args, out, name)) for name in RUNS}
-    names = ["embedded", *RUNS]
+    sweep = [_sweep_name(a) for a in args.sweep_alphas]
+    costs.update({name: _cost_row(_train(args, out, name)) for name in sweep})
+    val_sets = _validation(args, out)
+    alphas = {"fpo-a0": 0.0, "fpo": args.alpha, **dict(zip(sweep, args.sweep_alphas))}
+    curve = {n: {"alpha": a, **_val_eval(args, out, n, val_sets)} for n, a in sorted(alphas.items(), key=lambda x: x[1])}
+    baselines = {n: _val_eval(args, out, n, val_sets) for n in ("embedded", "dpo")}
+    chosen = _choose(curve)
+    _log(f"alpha sweep on validation: chose {chosen} (alpha {curve[chosen]['alpha']})")
+    names = ["embedded", *RUNS] + ([chosen] if chosen not in RUNS else [])
     drift = _drift(args, out, names, held)
     rows = {n: {**_eval(args, out, n), "drift": drift[n], "cost": costs.get(n)} for n in names}
+    if chosen not in RUNS:
+        rows[f"fpo-tuned (α={curve[chosen]['alpha']:g})"] = rows.pop(chosen)
     sae_eval = json.loads((sae / "meta.json").read_text())["eval"]
-    result = {"settings": vars(args), "rows": rows, "sae": sae_eval,
+    sweep_doc = {"rule": "lowest validation harmful + over-refusal rate; ties: smaller alpha", "chosen": chosen,
+                 "chosen_alpha": curve[chosen]["alpha"], "curve": curve, "baselines": baselines,
+                 "validation": {"harmful": f"{val_sets[0]}", "overrefusal": f"{val_sets[1]}"}}
+    result = {"settings": vars(args), "rows": rows, "sae": sae_eval, "alpha_sweep": sweep_doc,
               "pairs": json.loads((out / "pairs.manifest.json").read_text()) | {"train": args.train_pairs}}
+    write_json(out / "alpha_sweep.json", {**sweep_doc, "chosen_model": _model_path(out, chosen)})  # read by recipes
     write_json(out / "results.json", {**result, "machine": machine()})
-    (out / "results.md").write_text(_markdown(args, rows, sae_eval))
+    (out / "results.md").write_text(_markdown(args, rows, sae_eval) + _sweep_markdown(sweep_doc))
     if not args.quick:
         write_result("reproduce_fpo", result)
     _log(f"wrote {out}/results.json and {out}/results.md")
