@@ -101,3 +101,18 @@ def test_env_references_take_the_variable_then_the_default(tmp_path, monkeypatch
     monkeypatch.delenv("LG_TEST_UNSET", raising=False)
     with pytest.raises(ConfigError, match=r"needs \$LG_TEST_UNSET.*set it"):
         load_recipe(recipe)
+
+
+def test_shipped_quick_recipe_runs_end_to_end(tmp_path, embedded):
+    """`make reproduce-quick` in CI: the shipped recipe's quick section, direction step, rows and the matrix row."""
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "reproduce" / "embedded.yaml"
+    out = tmp_path / "quick"
+    assert main(["reproduce", "--config", str(recipe), "--quick", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in doc["rows"]]
+    assert names == ["embedded", "embedded+add", "embedded+conditional", "attacks-embedded"]
+    matrix = doc["rows"][-1]["matrix"]
+    assert matrix["attacks"] == ["none", "prefix-injection", "ablate"] and matrix["defenses"] == ["none", "add(α=1.0)"]
+    md = (out / "results.md").read_text()
+    assert "| embedded+add | `embedded` |" in md and "Attack x defence, row `attacks-embedded`" in md
+    assert "attacks-embedded |" not in md.split("Attack x defence")[0]  # matrix rows stay out of the main table
