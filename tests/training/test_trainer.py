@@ -108,3 +108,15 @@ def test_full_fine_tune_writes_a_plain_model(tmp_path, tiny_dir, pairs_file):
     assert (tmp_path / "run/model/model.safetensors").is_file()
     meta = json.loads((tmp_path / "run/meta.json").read_text())
     assert meta["full"] and meta["lora"] is None and res.trainer.model.model.layers[0].self_attn.q_proj.weight.requires_grad
+
+
+def test_lora_init_follows_the_config_seed_not_the_global_rng(tmp_path, tiny_dir, pairs_file):
+    def lora_a(name: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(len(name) * 1000 + 7)  # a different global RNG state before every build
+        res = train(_cfg(tmp_path, tiny_dir, pairs_file, output_dir=str(tmp_path / name), max_steps=0,
+                         num_train_epochs=0, seed=seed))
+        return {k: v.detach().clone() for k, v in res.trainer.model.named_parameters() if "lora_A" in k}
+
+    a, b, c = lora_a("a", 1), lora_a("bb", 1), lora_a("ccc", 2)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -21,7 +21,7 @@ from typing import Any, cast
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from latentguard import __version__
@@ -149,6 +149,7 @@ def _write_meta(out: Path, cfg: TrainConfig | PreferenceConfig, loaded: LoadedMo
 
 def _build_model(cfg: TrainConfig, method: TrainingMethod, loaded: LoadedModel) -> nn.Module:
     model = loaded.model.train()
+    set_seed(cfg.seed)  # LoRA A matrices and a method's extra modules are drawn from cfg.seed, not from the global RNG
     spec = cfg.lora_spec
     if spec is not None:
         model = wrap_lora(model, spec)
