@@ -67,7 +67,7 @@ clean:
 # Issue 7: sft, ProCon (plain, warm-up, + mix), ML-LR and mix from refs/aligned, merged and evaluated (resumable).
 .PHONY: reproduce-procon
 reproduce-procon: install
-	$(BIN)/python benchmarks/reproduce_procon.py --refs refs --out out/procon
+	$(BIN)/python benchmarks/reproduce_procon.py --refs refs --out out/procon-ift
 
 # The one-command reproduction table (results/embedded: results.json, results.md, report.html).
 # Builds refs/ first if missing; resumable. `reproduce-quick` is the CI-scale smoke run of the same pipeline.
