@@ -327,13 +327,15 @@ def _plot_drift(series: dict[str, Any], cos: dict[str, list[float | None]], path
 
     panels = 3 if cos else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), dpi=110)
+    names = list(dict.fromkeys([*RUNS, *series, *cos]))
+    color = {n: f"C{i}" for i, n in enumerate(names)}  # one colour per run in every panel
     for n, s in series.items():
-        axes[0].plot(s["step"], s["mean"], label=n, marker="." if len(s["step"]) < 30 else None)
-        axes[1].plot(s["layers"], s["per_layer_last"], label=n, marker=".")
+        axes[0].plot(s["step"], s["mean"], label=n, color=color[n], marker="." if len(s["step"]) < 30 else None)
+        axes[1].plot(s["layers"], s["per_layer_last"], label=n, color=color[n], marker=".")
     axes[0].set(xlabel="optimizer step", ylabel="mean |z − z0| per response token", title="r-projection drift during training")
     axes[1].set(xlabel="layer", ylabel="|z − z0| at the last step", title="per layer, end of training")
     for n, c in cos.items():
-        axes[2].plot(range(len(c)), [float("nan") if v is None else v for v in c], label=n, marker=".")
+        axes[2].plot(range(len(c)), [float("nan") if v is None else v for v in c], label=n, color=color[n], marker=".")
     if cos:
         axes[2].set(xlabel="layer", ylabel="cos(r0, r)", title="refusal direction after training")
     for ax in axes:
