@@ -200,5 +200,6 @@ def _check_model(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any
             f"({current.get('model_id')})"
         )
         if not allow:
-            raise ArtifactError(msg + "; rebuild it on this model, or allow the mismatch explicitly.")
+            raise ArtifactError(msg + "; rebuild it on this model, or allow the mismatch explicitly "
+                                "(direction defences and the ablate attack: add any_model=1 to the spec).")
         warnings.warn(msg + "; same shapes, applying anyway (e.g. a fine-tune of the same base).", stacklevel=3)

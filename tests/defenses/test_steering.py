@@ -85,3 +85,28 @@ def test_direction_from_another_model_is_refused(tmp_path, tiny, tiny_tokenizer)
     art = _scan_artifact(tmp_path, other_loaded)
     with pytest.raises(Exception, match="rebuild it on this model"):
         build_defense(f"add:{art}", tiny)
+
+
+def test_a_direction_of_another_model_needs_any_model(tmp_path, tiny, tiny_tokenizer):
+    """The base's direction on its fine-tune: refused by fingerprint unless any_model=1, then applied with a warning."""
+    from latentguard.attacks import attack_config
+    from latentguard.attacks.ablate import AblateAttack
+    from latentguard.errors import ArtifactError
+
+    art = _scan_artifact(tmp_path, tiny)
+    other_model = build_tiny("llama", seed=1)
+    other = LoadedModel(other_model, tiny_tokenizer, model_info(other_model, "tiny-other"))
+    assert other.info.fingerprint != tiny.info.fingerprint
+    for spec in (f"add:{art},alpha=4", f"ablate:{art}", f"conditional:{art},threshold=0.1"):
+        with pytest.raises(ArtifactError, match="fingerprint"):
+            build_defense(spec, other)
+    plain = _logits(other)
+    with pytest.warns(UserWarning, match="applying anyway"):
+        defense = build_defense(f"add:{art},alpha=4,any_model=1", other)
+    with apply_defenses(other.model, [defense]):
+        assert not torch.allclose(_logits(other), plain)
+    with pytest.warns(UserWarning, match="applying anyway"):
+        build_defense(f"conditional:{art},threshold=0.1,any_model=1", other)
+    with pytest.raises(ConfigError, match="not a switch"):
+        build_defense(f"add:{art},any_model=maybe", other)
+    assert attack_config(AblateAttack, {"any_model": "1"}).any_model is True

@@ -23,11 +23,14 @@ __all__ = ["AblateAttack", "AblateAttackConfig"]
 @dataclass
 class AblateAttackConfig:
     layer: int | None = field(default=None, metadata={"help": "layer of the direction (default: the artefact's chosen layer)"})
+    any_model: bool = field(default=False, metadata={"help": "ablate a direction built on another model of the same shapes "
+                                                             "(e.g. the base of this fine-tune), with a warning"})
 
 
 @ATTACKS.register("ablate")
 class AblateAttack(Attack):
-    """`ablate:DIR[,layer=L]`: DIR is a refusal_direction (or scan_directions) artefact of this model."""
+    """`ablate:DIR[,layer=L][,any_model=1]`: DIR is a refusal_direction (or scan_directions) artefact of this
+    model, or, with any_model=1, of another model with the same shapes (its base, say)."""
 
     key = "ablate"
     usage = "ablate:DIR[,layer=L] with DIR from `latentguard direction extract` (or `scan`)"
@@ -41,7 +44,7 @@ class AblateAttack(Attack):
     @classmethod
     def from_spec(cls, artefact: str | None, params: dict[str, str], ctx: AttackContext) -> Attack:
         cfg = attack_config(cls, params)
-        extra = {} if cfg.layer is None else {"layer": str(cfg.layer)}
+        extra = ({} if cfg.layer is None else {"layer": str(cfg.layer)}) | ({"any_model": "1"} if cfg.any_model else {})
         return cls(cast(AblateDefense, AblateDefense.from_spec(artefact, extra, ctx.loaded)), cfg)
 
     def apply(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:

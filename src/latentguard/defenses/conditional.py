@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from latentguard.defenses import DEFENSES, Defense
-from latentguard.defenses.steering import load_direction
+from latentguard.defenses.steering import load_direction, parse_flag
 from latentguard.errors import ConfigError
 from latentguard.hooks import Site, hook_site
 from latentguard.models import LoadedModel, arch_of, normalize_layer
@@ -42,6 +42,7 @@ class ConditionalConfig:
     threshold: float | None = field(default=None, metadata={"help": "steer rows whose condition cosine exceeds this (default: the artefact's calibrated one)"})
     condition_layer: int | None = field(default=None, metadata={"help": "layer whose block input the gate reads (default: the artefact's condition layer)"})
     condition: str | None = field(default=None, metadata={"help": "direction artefact for the gate (default: the steering artefact)"})
+    any_model: bool = field(default=False, metadata={"help": "apply directions built on another model of the same shapes, with a warning"})
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha):
@@ -112,7 +113,8 @@ def conditional_addition(
 
 
 def _parse(params: dict[str, str]) -> ConditionalConfig:
-    known = {"layer": int, "alpha": float, "threshold": float, "condition_layer": int, "condition": str}
+    known: dict[str, Any] = {"layer": int, "alpha": float, "threshold": float, "condition_layer": int, "condition": str,
+                             "any_model": lambda v: parse_flag("any_model", v)}
     bad = sorted(set(params) - set(known))
     if bad:
         raise ConfigError(f"Unknown conditional parameter(s) {bad}; known: {sorted(known)}.")
@@ -142,14 +144,14 @@ class ConditionalDefense(Defense):
         if artefact is None:
             raise ConfigError("Defence 'conditional' needs a direction artefact: conditional:DIR (from `latentguard direction extract`).")
         cfg = _parse(params)
-        direction, layer, art = load_direction(artefact, loaded, cfg.layer)
+        direction, layer, art = load_direction(artefact, loaded, cfg.layer, cfg.any_model)
         stored = art.meta.get("condition") or {}
         cond_layer = cfg.condition_layer if cfg.condition_layer is not None else stored.get("layer", layer)
         cond_layer = normalize_layer(int(cond_layer), loaded.info.n_layers)
         threshold = cfg.threshold if cfg.threshold is not None else stored.get("threshold")
         if threshold is None:
             raise ConfigError(f"{artefact} stores no calibrated condition; pass threshold=COSINE (and condition_layer=).")
-        cond, _, _ = load_direction(cfg.condition or artefact, loaded, cond_layer)
+        cond, _, _ = load_direction(cfg.condition or artefact, loaded, cond_layer, cfg.any_model)
         cfg.layer, cfg.condition_layer, cfg.threshold = layer, cond_layer, float(threshold)
         fp = art.meta.get("model", {}).get("fingerprint", "")
         return cls(direction, cond, layer, cond_layer, float(threshold), cfg, artefact, fp)

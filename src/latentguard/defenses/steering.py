@@ -22,7 +22,7 @@ from latentguard.errors import ConfigError
 from latentguard.hooks import add_vectors, project_out
 from latentguard.models import LoadedModel, normalize_layer
 
-__all__ = ["SteerConfig", "AddDefense", "AblateDefense", "load_direction"]
+__all__ = ["SteerConfig", "AddDefense", "AblateDefense", "load_direction", "parse_flag"]
 
 DIRECTION_KINDS = ("refusal_direction", "scan_directions")
 
@@ -31,15 +31,28 @@ DIRECTION_KINDS = ("refusal_direction", "scan_directions")
 class SteerConfig:
     layer: int | None = field(default=None, metadata={"help": "layer of the direction (and of addition); default: the artefact's chosen/best layer"})
     alpha: float = field(default=1.0, metadata={"help": "coefficient on the raw direction for `add` (+1 induces refusal)"})
+    any_model: bool = field(default=False, metadata={"help": "apply a direction built on another model of the same shapes "
+                                                             "(e.g. the base of this fine-tune), with a warning"})
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha):
             raise ConfigError(f"alpha={self.alpha} is not finite; pass a finite number.")
 
 
-def load_direction(path: str, loaded: LoadedModel, layer: int | None) -> tuple[Tensor, int, Artifact]:
-    """(raw direction [d], layer, artefact) from a direction artefact, checked against the model."""
-    art = Artifact.load(path, model=loaded.info)
+def parse_flag(key: str, value: str) -> bool:
+    """`any_model=1` style switches: 1/true/yes or 0/false/no."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{key}={value!r} is not a switch (use 1 or 0)")
+
+
+def load_direction(path: str, loaded: LoadedModel, layer: int | None, any_model: bool = False) -> tuple[Tensor, int, Artifact]:
+    """(raw direction [d], layer, artefact) from a direction artefact, checked against the model: same shapes
+    always; the same fingerprint unless `any_model` (a direction of the base applied to its fine-tune)."""
+    art = Artifact.load(path, model=loaded.info, allow_fingerprint_mismatch=any_model)
     if art.kind not in DIRECTION_KINDS:
         raise ConfigError(f"{path} is a {art.kind!r} artefact; steering needs one of {DIRECTION_KINDS}.")
     n_layers = loaded.info.n_layers
@@ -56,7 +69,7 @@ def load_direction(path: str, loaded: LoadedModel, layer: int | None) -> tuple[T
 
 
 def _parse(params: dict[str, str]) -> SteerConfig:
-    known = {"layer": int, "alpha": float}
+    known: dict[str, Any] = {"layer": int, "alpha": float, "any_model": lambda v: parse_flag("any_model", v)}
     bad = sorted(set(params) - set(known))
     if bad:
         raise ConfigError(f"Unknown steering parameter(s) {bad}; known: {sorted(known)}.")
@@ -79,7 +92,7 @@ class _DirectionDefense(Defense):
         if artefact is None:
             raise ConfigError(f"Defence {cls.key!r} needs a direction artefact: {cls.key}:DIR (from `latentguard scan` or `direction extract`).")
         cfg = _parse(params)
-        direction, layer, art = load_direction(artefact, loaded, cfg.layer)
+        direction, layer, art = load_direction(artefact, loaded, cfg.layer, cfg.any_model)
         cfg.layer = layer
         return cls(direction, layer, cfg, artefact, art.meta.get("model", {}).get("fingerprint", ""))
 
