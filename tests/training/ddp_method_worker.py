@@ -29,3 +29,9 @@ for method, extra in options.items():
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(Path(out) / f"{method}-rank{cfg.process_index}.safetensors"),
               metadata={"world_size": str(cfg.world_size)})
+
+# Tear the gloo group down before exit: leaving it to interpreter shutdown can abort a rank
+# ("terminate called without an active exception") while the other still holds its sockets.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

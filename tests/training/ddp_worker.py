@@ -23,3 +23,9 @@ trainable = {n for n, p in result.trainer.accelerator.unwrap_model(result.traine
 tensors = {n: t.detach().cpu().contiguous() for n, t in state.items() if n in trainable}
 meta = {"world_size": str(cfg.world_size), "backend": str(torch.distributed.get_backend() if torch.distributed.is_initialized() else "none")}
 save_file(tensors, str(Path(out) / f"rank{cfg.process_index}.safetensors"), metadata=meta)
+
+# Tear the gloo group down before exit: leaving it to interpreter shutdown can abort a rank
+# ("terminate called without an active exception") while the other still holds its sockets.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
