@@ -67,6 +67,7 @@ def test_extract_writes_scores_artefact_and_report(extract_dir, embedded, tmp_pa
     assert s["eoi_tokens"] == ["<|im_end|>", "Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
     assert s["refusal_tokens"]["source"] in ("fallback", "derived") and 57 in s["refusal_tokens"]["ids"]  # 57 = "I"
     assert s["data"]["harmful_train"]["n_after_dedupe"] < s["data"]["harmful_train"]["n_file"]  # HarmBench test overlap
+    assert s["data"]["harmful_train"]["source"] == "<shared>/refusal_direction_splits/harmful_train.json"  # no machine path
     art = Artifact.load(extract_dir / "direction", expect="refusal_direction", model=embedded.info)
     assert art.tensors["candidates"].shape == (6, 30, 576) and art.meta["condition"]["layer"] == s["selected"]["layer"]
     text = screenshot(extract_dir / "report.html", tmp_path / "report.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +12,11 @@ from latentguard.eval.datasets import (
     DATASETS,
     ROLES,
     normalize_text,
+    portable_path,
     read_records,
     resolve_dataset,
     select_datasets,
+    shared_data_dir,
     user_dataset,
 )
 
@@ -119,3 +122,13 @@ def test_hf_dataset_saved_to_disk(tmp_path) -> None:
     assert d.role == "utility" and [(r.id, r.extra["answer"]) for r in recs] == [("0", "#### 4"), ("1", "#### 6")]
     with pytest.raises(DataError, match="holds splits test, train; pick one with split=NAME"):
         resolve_dataset(f"{tmp_path / 'hf'}:prompt=question").load()
+
+
+def test_portable_path_hides_this_machines_layout(tmp_path) -> None:
+    shared = shared_data_dir().resolve()
+    assert portable_path(shared / "xstest" / "xstest_prompts.csv") == "<shared>/xstest/xstest_prompts.csv"
+    keyword_list = Path(__file__).resolve().parents[2] / "src/latentguard/eval/refusal_lists/project-v1.json"
+    assert portable_path(keyword_list) in ("src/latentguard/eval/refusal_lists/project-v1.json",
+                                           "latentguard/eval/refusal_lists/project-v1.json")
+    assert portable_path(tmp_path / "mine.json") == str(tmp_path / "mine.json")  # a user's own file: as given
+    assert portable_path("data/mine.json") == "data/mine.json"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from latentguard.artifacts import sha256_of_texts
 from latentguard.errors import ConfigError, DataError
+from latentguard.eval.datasets import portable_path
 
 __all__ = ["DEFAULT_FILTER", "Pool", "filter_instructions", "load_pool"]
 
@@ -66,7 +67,7 @@ def _default_instructions(data_dir: Path | None) -> tuple[list[str], str]:
     rd = data_dir / "refusal_direction_splits"
     raw = [r["instruction"] for split in ("train", "val", "test")
            for r in json.loads((rd / f"harmless_{split}.json").read_text(encoding="utf-8"))]
-    return evals.fresh(raw), f"{rd}/harmless_{{train,val,test}}.json minus every eval set"
+    return evals.fresh(raw), f"{portable_path(rd)}/harmless_{{train,val,test}}.json minus every eval set"
 
 
 def load_pool(

@@ -25,6 +25,7 @@ from latentguard.directions.refusal import (
 from latentguard.errors import OutputExistsError
 from latentguard.eval.datasets import (
     dedupe_against,
+    portable_path,
     read_records,
     resolve_dataset,
     sample,
@@ -67,7 +68,7 @@ def _load_data(cfg: ExtractConfig) -> tuple[RefusalData, dict[str, Any]]:
         kept = dedupe_against(records, others, train)
         n = cfg.n_train if split.endswith("_train") else cfg.n_val
         sets[split] = [r.prompt for r in sample(kept, n, cfg.seed)]
-        info[split] = {"source": str(path), "n_file": len(records), "n_after_dedupe": len(kept), "n_sampled": len(sets[split])}
+        info[split] = {"source": portable_path(path), "n_file": len(records), "n_after_dedupe": len(kept), "n_sampled": len(sets[split])}
     return RefusalData(**sets), info
 
 

@@ -13,6 +13,7 @@ direction was extracted from those splits. See docs/eval.md.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -80,6 +81,27 @@ def shared_data_dir() -> Path:
             "advbench/, xstest/, refusal_direction_splits/ ..."
         )
     return path
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """A path as it goes into metadata and reports, without this machine's layout: `<shared>/REL` under
+    the shared data folder, REL under the repository, `latentguard/REL` inside the installed package;
+    any other path (a user's own file) as given."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    p = p.resolve()
+    roots: list[tuple[Path, str]] = []
+    with contextlib.suppress(DataError):
+        roots.append((shared_data_dir().resolve(), "<shared>/"))
+    repo = _repo_root()
+    if repo is not None:
+        roots.append((repo.resolve(), ""))
+    roots.append((Path(__file__).resolve().parents[1], "latentguard/"))
+    for root, prefix in roots:
+        if p.is_relative_to(root):
+            return prefix + p.relative_to(root).as_posix()
+    return str(path)
 
 
 def _rows_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from latentguard.artifacts import git_commit, staged_dir, write_json
 from latentguard.defenses.mogu import load_mogu, router_gates
 from latentguard.errors import ConfigError, OutputExistsError
-from latentguard.eval.datasets import read_records, sample, shared_data_dir
+from latentguard.eval.datasets import portable_path, read_records, sample, shared_data_dir
 from latentguard.eval.html import new_figure
 from latentguard.models import load_model
 
@@ -107,7 +107,7 @@ def run_router_analysis(cfg: RouterAnalysisConfig) -> Path:
     summary = _summary(gates, modules.layout["layers"], len(prompts["harmful"]))
     doc = {"kind": "mogu_router_analysis", "model": loaded.info.as_meta(), "mogu": cfg.mogu,
            "method": art.meta.get("method"), "gate": modules.layout["gate"], "layers": modules.layout["layers"],
-           "data": {k: {"source": str(p), "n": len(prompts[k])} for k, p in paths.items()}, **summary,
+           "data": {k: {"source": portable_path(p), "n": len(prompts[k])} for k, p in paths.items()}, **summary,
            "latentguard_commit": git_commit(), "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     with staged_dir(out, overwrite=cfg.overwrite) as tmp:
         write_json(tmp / "router.json", doc)

@@ -15,7 +15,7 @@ from latentguard import __version__
 from latentguard.artifacts import git_commit, staged_dir, write_json
 from latentguard.directions import ScanConfig, scan_model
 from latentguard.errors import OutputExistsError
-from latentguard.eval.datasets import read_records, sample, shared_data_dir
+from latentguard.eval.datasets import portable_path, read_records, sample, shared_data_dir
 from latentguard.eval.html import fig_to_svg, new_figure, render
 from latentguard.models import load_model
 
@@ -47,7 +47,7 @@ def run_scan(cfg: ScanRunConfig) -> Path:
     loaded = load_model(cfg.model, chat_template=cfg.chat_template)
     result = scan_model(loaded, prompts["harmful"], prompts["harmless"], cfg)
     summary = result.summary
-    summary["data"].update(harmful_source=str(paths["harmful"]), harmless_source=str(paths["harmless"]))
+    summary["data"].update(harmful_source=portable_path(paths["harmful"]), harmless_source=portable_path(paths["harmless"]))
     summary["latentguard"] = {"version": __version__, "commit": git_commit()}
     summary["created_utc"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     with staged_dir(out, overwrite=cfg.overwrite) as tmp:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentguard.errors import ConfigError, DataError
+from latentguard.eval.datasets import portable_path
 from latentguard.eval.judges.base import JUDGES, Judge, Verdict
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def _read_json_list(path: Path) -> KeywordList:
         phrases=tuple(phrases),
         match=obj.get("match"),
         case_sensitive=bool(obj.get("case_sensitive", False)),
-        source={"path": str(path), **obj.get("source", {})},
+        source={"path": portable_path(path), **obj.get("source", {})},
     )
 
 
@@ -103,7 +104,7 @@ def _read_text_list(path: Path) -> KeywordList:
     if not phrases:
         raise DataError(f"Keyword list {path} holds no phrases; write one phrase per line.")
     digest = hashlib.sha256(raw).hexdigest()
-    return KeywordList(f"{path.stem}-{digest[:8]}", phrases, source={"path": str(path), "sha256": digest})
+    return KeywordList(f"{path.stem}-{digest[:8]}", phrases, source={"path": portable_path(path), "sha256": digest})
 
 
 def load_keyword_list(name: str) -> KeywordList:
