@@ -189,7 +189,7 @@ class MoGUModules(nn.Module):
         return [p for _, m in self._layers() for p in (m.A, m.B)]
 
     def counts(self) -> dict[str, int]:
-        """Parameter counts: routers, experts (both adapters), and the spec's v1 layout on all layers."""
+        """Parameter counts: routers and experts (both adapters)."""
         return {"router": sum(p.numel() for p in self.router_parameters()),
                 "experts": sum(p.numel() for p in self.expert_parameters())}
 
@@ -355,7 +355,7 @@ def router_gates(loaded: LoadedModel, modules: MoGUModules, prompts: Sequence[st
     with attach_mogu(model, modules, state):
         for i in range(0, len(prompts), batch_size):
             b = encode_batch(tok, format_prompts(tok, list(prompts[i:i + batch_size])), model.device)
-            model(**b.forward_kwargs(), use_cache=False)
+            model(**b.forward_kwargs(), use_cache=False, logits_to_keep=1)  # only the gates are read
             g = torch.stack([torch.cat(state.gates[l], dim=-1) for l in layers], dim=1).float()  # [B, L, T, 2]
             m = b.attention_mask[:, None, :, None].to(g.dtype)
             last.append(g[:, :, -1].cpu())  # left padding: the last column is every row's last prompt token

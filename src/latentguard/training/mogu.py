@@ -43,6 +43,7 @@ from latentguard.defenses.mogu import (
     MoGUState,
     attach_mogu,
     experts_from_peft,
+    gate_params,
     load_mogu,
     mogu_site,
 )
@@ -281,13 +282,12 @@ def _export(cfg: MoGUConfig, version: str, out: Path, loaded: LoadedModel, layer
     mods = _trained_modules(out / "init", out / "router" / "adapter" / MODULES_FILE, loaded.info)
     gate, positions = _defaults(cfg, version)
     counts = mods.counts()
-    spec_v1 = MoGUModules(list(range(loaded.info.n_layers)), mods.layout["d_in"], mods.layout["d_out"],
-                          mods.layout["rank"], "v1", 512).counts()
+    spec_v1_router = 2 * loaded.info.n_layers * gate_params(mods.layout["d_in"], "v1", 512)  # two v1 gates per layer
     co_train = version == "mogu2" and getattr(cfg, "mogu_backbone", "none") == "expert_loras"
     meta = {
         "method": version, "k": cfg.mogu_k, "gate_positions": positions, "lambda": cfg.mogu_lambda,
         "expert_loss": cfg.mogu_loss, "co_trained": "experts" if co_train else "none",
-        "trainable": {**counts, "total": counts["router"] + counts["experts"], "spec_v1_router": spec_v1["router"]},
+        "trainable": {**counts, "total": counts["router"] + counts["experts"], "spec_v1_router": spec_v1_router},
         "layers_from": json.loads((out / "layers.json").read_text()).get("source"),
         "selection": json.loads((out / "selection.json").read_text()),
         "data": json.loads((out / "data" / "manifest.json").read_text())["sha256"],

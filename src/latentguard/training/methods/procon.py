@@ -209,6 +209,7 @@ class ProConMethod(TrainingMethod):
         self.layers: list[int] = []
         self._loaded: LoadedModel | None = None
         self._directions: Tensor | None = None  # [L, d] unit rows, all layers
+        self._selected: Tensor | None = None  # the constrained layers' rows, fp32 on the hidden states' device
         self._anchors: Tensor | None = None  # [Lc, total response tokens] fp32
         self._offsets: Tensor | None = None  # [N + 1] int64, by lg_index
         self._logged: dict[str, float] = {}
@@ -250,7 +251,7 @@ class ProConMethod(TrainingMethod):
     def prepare(self, model: nn.Module, dataset: Any, collate: Any) -> Artifact:
         """Directions of the vanilla model, then every training token's reference projection (one pass)."""
         dirs = self._direction_source(model)
-        self._directions = dirs.directions
+        self._directions, self._selected = dirs.directions, None
         per_row: dict[int, Tensor] = {}
         for index, z, mask in self._passes(model, dataset, collate):
             for b, i in enumerate(index):
@@ -277,13 +278,18 @@ class ProConMethod(TrainingMethod):
                                 f"match procon with layers {self.layers}; resume with the same settings or a new --out.")
         t = artifact.tensors
         self._directions, self._anchors, self._offsets = t["directions"], t["anchors"], t["offsets"]
+        self._selected = None
 
     # ------------------------------------------------------------ loss
 
     def _project(self, hidden: dict[str, Tensor]) -> Tensor:
         if self._directions is None:
             raise ConfigError("ProCon has no directions yet; prepare() or restore() must run before training.")
-        return layer_projections([hidden[f"resid_pre.{l}"] for l in self.layers], self._directions[self.layers])
+        states = [hidden[f"resid_pre.{l}"] for l in self.layers]
+        dev = states[0].device
+        if self._selected is None or self._selected.device != dev:  # the constrained rows, once per device
+            self._selected = self._directions[self.layers].float().to(dev)
+        return layer_projections(states, self._selected)
 
     def reference(self, index: list[int], mask: Tensor) -> Tensor:
         """z_0 laid out like the batch: [Lc, B, T], zero outside `mask`."""
