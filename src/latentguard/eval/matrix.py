@@ -19,6 +19,7 @@ from latentguard.eval.datasets import Dataset, Record
 from latentguard.eval.generation import JsonlStore, generate
 from latentguard.eval.runner import (
     EvalConfig,
+    RunStores,
     _dataset_rows,
     _judge_stage,
     _run_stages,
@@ -27,7 +28,7 @@ from latentguard.eval.runner import (
 )
 from latentguard.models import LoadedModel
 
-__all__ = ["cell_rate", "defense_label", "prepare_attacks", "run_matrix"]
+__all__ = ["cell_rate", "defense_label", "pick_rate", "prepare_attacks", "run_matrix"]
 
 Data = dict[str, tuple[Dataset, list[Record]]]
 
@@ -78,21 +79,24 @@ def _generate_attacked(cfg: EvalConfig, loaded: LoadedModel, records: list[Recor
 
 
 def _attack_cell(cfg: EvalConfig, loaded: LoadedModel, defenses: Sequence[Defense], attack: Attack,
-                 judges: dict[str, dict[str, Any]], data: Data, out: Any, gens: JsonlStore) -> dict[str, list[dict[str, Any]]]:
+                 judges: dict[str, dict[str, Any]], data: Data, stores: RunStores) -> dict[str, list[dict[str, Any]]]:
     """Per-prompt rows of every harmful set under one attack and one defence column."""
     if attack.family == "none":  # exactly the unattacked path: its keys are a plain run's keys
-        return _run_stages(cfg, loaded, defenses, judges, data, out, gens)[0]
-    store = JsonlStore(out / "judgements.jsonl")
+        return _run_stages(cfg, loaded, defenses, judges, data, stores)[0]
     results = {}
     for name, (d, recs) in data.items():
-        keys, texts = _generate_attacked(cfg, loaded, recs, gens, defenses, attack)
-        jkeys = _judge_stage(judges[d.role], gens, keys, store, texts=texts)
-        results[name] = _dataset_rows(gens, store, recs, keys, jkeys)
+        keys, texts = _generate_attacked(cfg, loaded, recs, stores.gens, defenses, attack)
+        jkeys = _judge_stage(judges[d.role], stores.gens, keys, stores.judgements, texts=texts)
+        results[name] = _dataset_rows(stores.gens, stores.judgements, recs, keys, jkeys)
     return results
 
 
-def _pick(entry: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The keyword judge's rate if present, else the first judge with one (refusal block, then harm >= 4)."""
+def pick_rate(entry: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """One data set's headline rate (summary.json `datasets` entry) and the judge it came from.
+
+    The keyword judge's rate if present, else the first judge with one: harmful sets' ASR, over-refusal
+    sets' over-refusal rate (refusal block), then a harm-rubric judge's share of scores >= 4.
+    """
     judges = entry.get("judges", {})
     for name in ["keyword", *judges]:
         j = judges.get(name, {})
@@ -106,7 +110,7 @@ def cell_rate(datasets: dict[str, Any], role: str) -> dict[str, Any]:
     """One number per cell: the rate of the single data set of `role`, or the mean over several (no CI)."""
     picked: list[tuple[str, dict[str, Any], str]] = []
     for n, e in datasets.items():
-        r, j = _pick(e)
+        r, j = pick_rate(e)
         if e["role"] == role and r is not None and j is not None and r.get("value") is not None:
             picked.append((n, r, j))
     if not picked:
@@ -120,7 +124,7 @@ def cell_rate(datasets: dict[str, Any], role: str) -> dict[str, Any]:
 
 
 def run_matrix(cfg: EvalConfig, loaded: LoadedModel, columns: Sequence[Sequence[Defense]], attacks: Sequence[Attack],
-               judges: dict[str, dict[str, Any]], data: Data, out: Any, gens: JsonlStore,
+               judges: dict[str, dict[str, Any]], data: Data, stores: RunStores,
                meta: dict[str, Any]) -> dict[str, Any]:
     """Run every cell and return summary.json: top-level `datasets` = the first attack × first column."""
     from latentguard.attacks import NoAttack
@@ -134,11 +138,11 @@ def run_matrix(cfg: EvalConfig, loaded: LoadedModel, columns: Sequence[Sequence[
     benign_cells: dict[str, Any] = {}
     for col, defenses in zip(cols, columns):
         if benign:
-            res, nll = _run_stages(cfg, loaded, defenses, judges, benign, out, gens)
+            res, nll = _run_stages(cfg, loaded, defenses, judges, benign, stores)
             benign_cells[col] = {"datasets": datasets_block(sets, res, nll)}
         for row, attack in zip(rows, attacks):
             if harmful:
-                res = _attack_cell(cfg, loaded, defenses, attack, judges, harmful, out, gens)
+                res = _attack_cell(cfg, loaded, defenses, attack, judges, harmful, stores)
                 harm_cells[row][col] = {"datasets": datasets_block(sets, res, {})}
     summary = summarize(meta, sets, {}, {})
     first = {**harm_cells[rows[0]].get(cols[0], {}).get("datasets", {}), **benign_cells.get(cols[0], {}).get("datasets", {})}

@@ -331,8 +331,9 @@ def run_eval(cfg: EvalConfig) -> Path:
     judges = _build_judges(judge_cfgs, loaded)
     try:
         out = _prepare_out(cfg)
-        gens = open_generations(out, loaded)
-        write_json(out / "run.json", _run_meta(cfg, loaded, columns, attacks, judges, data))
+        stores = RunStores.open(out, loaded)
+        meta = _run_meta(cfg, loaded, columns, attacks, judges, data)
+        write_json(out / "run.json", meta)
         if cfg.is_matrix():
             from latentguard.eval.matrix import (  # matrix imports this module
                 prepare_attacks,
@@ -343,11 +344,10 @@ def run_eval(cfg: EvalConfig) -> Path:
             prepared = prepare_attacks(attacks, ctx)
             meta = _run_meta(cfg, loaded, columns, attacks, judges, data)  # with what prepare computed
             write_json(out / "run.json", meta)
-            summary = run_matrix(cfg, loaded, columns, attacks, judges, data, out, gens, meta)
+            summary = run_matrix(cfg, loaded, columns, attacks, judges, data, stores, meta)
             summary["timings_s"] = {"attack_prepare": prepared, "total": round(time.perf_counter() - t0, 2)}
         else:
-            meta = _run_meta(cfg, loaded, columns, attacks, judges, data)
-            results, nll = _run_stages(cfg, loaded, columns[0], judges, data, out, gens)
+            results, nll = _run_stages(cfg, loaded, columns[0], judges, data, stores)
             summary = summarize(meta, {n: d for n, (d, _) in data.items()}, results, nll)
     finally:
         _close(judges)
@@ -356,11 +356,24 @@ def run_eval(cfg: EvalConfig) -> Path:
     return out
 
 
+@dataclass
+class RunStores:
+    """The run's three append-only files, each read once per run (a matrix run shares them across cells)."""
+
+    gens: JsonlStore
+    nll: JsonlStore
+    judgements: JsonlStore
+
+    @classmethod
+    def open(cls, out: Path, loaded: LoadedModel) -> RunStores:
+        return cls(open_generations(out, loaded), JsonlStore(out / "nll.jsonl"), JsonlStore(out / "judgements.jsonl"))
+
+
 def _run_stages(cfg: EvalConfig, loaded: LoadedModel, defenses: Sequence[Defense], judges: dict[str, dict[str, Any]],
-                data: dict[str, tuple[Dataset, list[Record]]], out: Path, gens: JsonlStore) -> tuple[dict[str, Any], dict[str, Any]]:
+                data: dict[str, tuple[Dataset, list[Record]]], stores: RunStores) -> tuple[dict[str, Any], dict[str, Any]]:
     """Generate every set, then answer NLL (utility sets) or judgements (safety sets)."""
+    gens, nll_store, judge_store = stores.gens, stores.nll, stores.judgements
     gen_keys = {name: generate(loaded, recs, cfg.generation(), gens, defenses) for name, (_, recs) in data.items()}
-    nll_store, judge_store = JsonlStore(out / "nll.jsonl"), JsonlStore(out / "judgements.jsonl")
     results, nll = {}, {}
     for name, (d, recs) in data.items():
         jkeys = None
