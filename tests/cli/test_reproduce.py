@@ -116,3 +116,74 @@ def test_shipped_quick_recipe_runs_end_to_end(tmp_path, embedded):
     md = (out / "results.md").read_text()
     assert "| embedded+add | `embedded` |" in md and "Attack x defence, row `attacks-embedded`" in md
     assert "attacks-embedded |" not in md.split("Attack x defence")[0]  # matrix rows stay out of the main table
+
+
+STAMP = "import json, sys, time\nt0 = time.time()\ntime.sleep(float(sys.argv[2]))\n" \
+        "json.dump({'start': t0, 'end': time.time()}, open(sys.argv[1], 'w'))\nsys.exit(int(sys.argv[3]))\n"
+
+
+def _parallel_recipe(tmp_path: Path, fail_b: bool = False) -> Path:
+    """Steps a and b are independent; c needs a; the row needs nothing but b."""
+    script = tmp_path / "stamp.py"
+    script.write_text(STAMP)
+    out = tmp_path / "o"
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(f"""
+name: par
+out: {out}
+eval: {{datasets: "advbench-heldout", limit: 1, max_new_tokens: 2}}
+steps:
+  - {{name: a, python: "{script} {out}/a.json 2 0", creates: "{out}/a.json", needs: []}}
+  - {{name: b, python: "{script} {out}/b.json 1 {int(fail_b)}", needs: []}}
+  - {{name: c, python: "{script} {out}/c.json 0 0", creates: "{out}/c.json", needs: [a]}}
+rows:
+  - {{name: plain, model: embedded, needs: [b]}}
+""")
+    return recipe
+
+
+def test_jobs_run_independent_stages_at_once_and_respect_needs(tmp_path, embedded):
+    recipe = _parallel_recipe(tmp_path)
+    assert main(["reproduce", "--config", str(recipe), "--jobs", "2"]) == 0
+    t = {n: json.loads((tmp_path / "o" / f"{n}.json").read_text()) for n in "abc"}
+    assert t["b"]["start"] < t["a"]["end"] and t["a"]["start"] < t["b"]["end"]  # a and b overlapped
+    assert t["c"]["start"] >= t["a"]["end"]  # c waited for a
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["last_run"]["jobs"] == 2 and set(doc["last_run"]["stages"]) == {"a", "b", "c", "plain"}
+    assert set(doc["timings_s"]) == {"a", "b", "c", "plain"}
+
+
+def test_jobs_failure_stops_new_stages_and_names_the_failed_one(tmp_path, capsys):
+    recipe = _parallel_recipe(tmp_path, fail_b=True)
+    assert main(["reproduce", "--config", str(recipe), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stamp.py" in err and "b.log" in err and "exit 1" in err
+    out = tmp_path / "o"
+    assert (out / "a.json").is_file()  # the stage running beside the failed one finished
+    assert not (out / "eval" / "plain").exists() and not (out / "results.json").exists()  # b's dependant never started
+
+
+def test_needs_must_name_earlier_steps(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nsteps: [{name: s, run: list, needs: [t]}, {name: t, run: list}]\n"
+                      "rows: [{name: a, model: embedded}]\n")
+    with pytest.raises(ConfigError, match=r"step 's' needs \['t'\], which are not steps listed before it"):
+        load_recipe(recipe)
+    recipe.write_text("name: x\nsteps: [{name: s, run: list}]\nrows: [{name: a, model: embedded, needs: s}]\n")
+    with pytest.raises(ConfigError, match="must be a list of step names"):
+        load_recipe(recipe)
+    recipe.write_text("name: x\nrows: [{name: a, model: embedded}]\n")
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        from latentguard.cli.reproduce import run_recipe
+
+        run_recipe(load_recipe(recipe, out=str(tmp_path / "o")), jobs=0)
+
+
+def test_only_runs_just_the_steps_its_rows_need(tmp_path, embedded, capsys):
+    recipe = _parallel_recipe(tmp_path)
+    assert main(["reproduce", "--config", str(recipe), "--only", "nosuch"]) == 2
+    assert "--only names rows the recipe lacks: nosuch" in capsys.readouterr().err
+    assert main(["reproduce", "--config", str(recipe), "--only", "plain"]) == 0
+    out = tmp_path / "o"
+    assert (out / "b.json").is_file() and not (out / "a.json").exists() and not (out / "c.json").exists()
+    assert [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["plain"]

@@ -14,6 +14,12 @@ row's model or defence, by a value a step wrote (e.g. the alpha `lock tune` chos
 `--quick` (small limits; CI-scale smoke runs). Every step and row runs as its own process, so a
 model's memory is returned between them and a crash names the stage.
 
+`needs:` on a step or row lists the steps it waits for (default: every earlier step for a step,
+every step for a row), so `--jobs N` runs up to N independent stages at once (one torch thread
+each: `--jobs 2` on a 2-core machine roughly halves the wall time). `--jobs 1` runs them in
+recipe order. When a stage fails, no new stage starts; running ones finish, then the run stops
+naming the failed stage.
+
 Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall time,
 run directories), OUT/results.md (the README table) and OUT/report.html (the eval report of all
 rows: Pareto plot, per-set tables, attack x defence heat maps where rows have them).
@@ -22,6 +28,7 @@ rows: Pareto plot, per-set tables, attack x defence heat maps where rows have th
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -30,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +48,10 @@ import yaml
 from latentguard import __version__
 from latentguard.artifacts import git_commit, write_json
 from latentguard.errors import ConfigError, DataError
+from latentguard.eval.matrix import pick_rate
 from latentguard.eval.report import write_eval_report
 
-__all__ = ["Recipe", "command", "load_recipe", "run_recipe", "summarize_row"]
+__all__ = ["Recipe", "command", "load_recipe", "projected_wall_s", "run_recipe", "summarize_row"]
 
 _LATENTGUARD = [sys.executable, "-m", "latentguard.cli.main"]
 
@@ -126,6 +135,17 @@ def _check(recipe: Recipe, path: Path) -> None:
             raise ConfigError(f"Recipe {path}: row {r['name']!r} has no `model`; add one (e.g. model: embedded).")
     if not recipe.rows:
         raise ConfigError(f"Recipe {path} has no rows; add at least one `rows:` entry to evaluate.")
+    earlier: list[str] = []
+    for kind, stage in [("step", s) for s in recipe.steps] + [("row", r) for r in recipe.rows]:
+        needs = stage.get("needs", [])
+        if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
+            raise ConfigError(f"Recipe {path}: {kind} {stage['name']!r} `needs` must be a list of step names, e.g. needs: [refs].")
+        bad = [n for n in needs if n not in earlier]
+        if bad:
+            raise ConfigError(f"Recipe {path}: {kind} {stage['name']!r} needs {bad}, which are not steps listed before it; "
+                              f"name earlier steps ({', '.join(earlier) or 'none'}).")
+        if kind == "step":
+            earlier.append(stage["name"])
 
 
 def _flags(settings: dict[str, Any]) -> list[str]:
@@ -142,19 +162,82 @@ def _flags(settings: dict[str, Any]) -> list[str]:
     return argv
 
 
-def _run(argv: list[str], log: Path, echo: Any) -> float:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("a") as f:
-        f.write(f"\n$ {shlex.join(argv)}\n")
-        f.flush()
-        rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_MININTERVAL": "5"})
-    if rc != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
+@dataclass
+class _Stage:
+    """One step or row of a recipe run: its command, log and the steps it waits for."""
+
+    kind: str
+    name: str
+    command: Callable[[], list[str]]  # built when the stage starts: a row's {json:} refs need its steps' outputs
+    log: Path
+    needs: list[str]
+    argv: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+    def start(self) -> None:
+        self.argv = self.command()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a") as f:
+            f.write(f"\n$ {shlex.join(self.argv)}\n")
+            f.flush()
+            self.started = time.perf_counter()
+            self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "TQDM_MININTERVAL": "5"})
+
+    def failure(self, rc: int) -> str:
+        tail = self.log.read_text().strip().splitlines()[-1:] or [""]
+        argv = self.argv
         shown = ["latentguard", *argv[len(_LATENTGUARD):]] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv
-        raise DataError(f"{shlex.join(shown)} failed (exit {rc}): {tail[0][:300]} "
-                        f"— see {log}; fix it and rerun, finished stages are kept.")
-    return time.perf_counter() - start
+        return f"{shlex.join(shown)} failed (exit {rc}): {tail[0][:300]} — see {self.log}; fix it and rerun, finished stages are kept."
+
+
+def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: dict[str, float], timings_path: Path,
+              echo: Any, total: int, position: dict[str, int]) -> None:
+    """Run `stages` (in list order when jobs = 1), at most `jobs` at a time, each once its needs are done."""
+    pending: list[_Stage] = list(stages)
+    running: list[_Stage] = []
+    failed: list[str] = []
+    try:
+        _loop(pending, running, failed, done, jobs, timings, timings_path, echo, total, position)
+    finally:  # Ctrl-C or an error here: no orphaned training process keeps the cores
+        for st in running:
+            if st.proc is not None and st.proc.poll() is None:
+                st.proc.terminate()
+                st.proc.wait()
+    if failed:
+        raise DataError(failed[0])
+
+
+def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done: set[str], jobs: int,
+          timings: dict[str, float], timings_path: Path, echo: Any, total: int, position: dict[str, int]) -> None:
+    while pending or running:
+        while not failed and len(running) < jobs:
+            ready = next((st for st in pending if all(n in done for n in st.needs)), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            echo(f"[reproduce] {position[ready.name]}/{total} {ready.kind} {ready.name}: running (log: {ready.log})")
+            ready.start()
+            running.append(ready)
+        if not running:
+            if failed or not pending:
+                break
+            raise DataError(f"Stages {[st.name for st in pending]} wait for steps that did not run; check their `needs`.")
+        time.sleep(0.2)
+        for st in [st for st in running if st.proc is not None and st.proc.poll() is not None]:
+            running.remove(st)
+            assert st.proc is not None
+            if st.proc.returncode != 0:
+                failed.append(st.failure(st.proc.returncode))
+                continue
+            wall = time.perf_counter() - st.started
+            timings[st.name] = round(wall, 1)
+            write_json(timings_path, timings)
+            done.add(st.name)
+            echo(f"[reproduce] {position[st.name]}/{total} {st.kind} {st.name}: done in {wall:.0f} s")
+        if failed and not running:
+            break
 
 
 def _step_argv(step: dict[str, Any]) -> list[str]:
@@ -192,21 +275,16 @@ def _row_argv(recipe: Recipe, row: dict[str, Any], out: Path, dry_run: bool = Fa
 
 
 def summarize_row(run_dir: Path) -> dict[str, Any]:
-    """Harmful rate per harmful set (keyword judge first), over-refusal and utility of one eval run."""
+    """Harmful rate per harmful set, over-refusal (keyword judge first; eval.matrix.pick_rate) and utility of one eval run."""
     summary = json.loads((run_dir / "summary.json").read_text())
     row: dict[str, Any] = {"harmful": {}, "overrefusal": {}, "nll": {}, "judges": summary["run"].get("judges")}
     for name, entry in summary["datasets"].items():
         if entry["role"] == "utility":
             row["nll"][name] = entry["utility"]["nll_per_token"]["value"]
             continue
-        judges = entry.get("judges", {})
-        judge = "keyword" if "keyword" in judges else next(iter(judges), None)
-        block = judges.get(judge, {}) if judge else {}
-        block = {**block, **block.get("refusal", {})}
-        key = "asr" if entry["role"] == "harmful" else "overrefusal_rate"
-        if key in block:
-            row[entry["role"]][name] = {"value": block[key]["value"], "ci95": block[key].get("ci95"),
-                                        "n": entry["n"], "judge": judge}
+        rate, judge = pick_rate(entry)
+        if rate is not None and entry["role"] in ("harmful", "overrefusal"):
+            row[entry["role"]][name] = {"value": rate["value"], "ci95": rate.get("ci95"), "n": entry["n"], "judge": judge}
     if "matrix" in summary:  # an `--attack` x `--defense` run: keep its harmful-rate grid for the table
         m = summary["matrix"]
         row["matrix"] = {"attacks": [a["label"] for a in m["attacks"]], "defenses": [d["label"] for d in m["defenses"]],
@@ -273,39 +351,83 @@ def _matrix_tables(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print) -> Path:
-    """Run the recipe's steps and rows (resuming), then write results.json, results.md and report.html."""
+def projected_wall_s(recipe: Recipe, timings: dict[str, float], jobs: int) -> tuple[float, list[str]]:
+    """Wall time of a from-scratch run with `jobs` slots, scheduled as `run_recipe` does, from per-stage seconds.
+
+    Returns (seconds, stages with no recorded time, counted as 0).
+    """
+    names = [s["name"] for s in recipe.steps]
+    stages = [(s["name"], list(s.get("needs", names[:i]))) for i, s in enumerate(recipe.steps)]
+    stages += [(r["name"], list(r.get("needs", names))) for r in recipe.rows]
+    pending, done, now = list(stages), set(), 0.0
+    running: list[tuple[float, str]] = []
+    while pending or running:
+        while len(running) < jobs:
+            ready = next((st for st in pending if all(n in done for n in st[1])), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            running.append((now + float(timings.get(ready[0], 0.0)), ready[0]))
+        running.sort()
+        now, name = running.pop(0)
+        done.add(name)
+    return now, [n for n, _ in stages if n not in timings]
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print, jobs: int = 1) -> Path:
+    """Run the recipe's steps and rows (resuming; `jobs` at a time), then write results.json, results.md and report.html."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (got {jobs}); pass --jobs 1 to run one stage at a time.")
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     total = len(recipe.steps) + len(recipe.rows)
-    for i, step in enumerate(recipe.steps, 1):
+    position = {st["name"]: i for i, st in enumerate([*recipe.steps, *recipe.rows], 1)}
+    step_names = [s["name"] for s in recipe.steps]
+    needs = {s["name"]: list(s.get("needs", step_names[:i])) for i, s in enumerate(recipe.steps)}
+    rows = [r for r in recipe.rows if not only or r["name"] in only]
+    if only and len(rows) != len(set(only)):
+        missing = sorted(set(only) - {r["name"] for r in rows})
+        raise ConfigError(f"--only names rows the recipe lacks: {', '.join(missing)}; use names from its `rows:`.")
+    wanted = set(step_names)
+    if only:  # just the steps the chosen rows need, and what those need
+        wanted, todo = set(), [n for r in rows for n in r.get("needs", step_names)]
+        while todo:
+            n = todo.pop()
+            if n not in wanted:
+                wanted.add(n)
+                todo += needs[n]
+    stages, done = [], set()
+    for step in recipe.steps:
+        if step["name"] not in wanted:
+            continue
         creates = step.get("creates")
         if creates and Path(creates).exists():
-            echo(f"[reproduce] {i}/{total} step {step['name']}: done, skipped")
+            echo(f"[reproduce] {position[step['name']]}/{total} step {step['name']}: done, skipped")
+            done.add(step["name"])
             continue
-        echo(f"[reproduce] {i}/{total} step {step['name']}: running (log: {out / 'logs' / (step['name'] + '.log')})")
-        timings[step["name"]] = round(_run(_step_argv(step), out / "logs" / f"{step['name']}.log", echo), 1)
-        write_json(timings_path, timings)
+        stages.append(_Stage("step", step["name"], functools.partial(_step_argv, step), out / "logs" / f"{step['name']}.log",
+                             needs[step["name"]]))
+    for row in rows:
+        if (out / "eval" / row["name"] / "summary.json").is_file():
+            echo(f"[reproduce] {position[row['name']]}/{total} row {row['name']}: done, skipped")
+            continue
+        stages.append(_Stage("row", row["name"], functools.partial(_row_argv, recipe, row, out / "eval" / row["name"]),
+                             out / "logs" / f"{row['name']}.log", list(row.get("needs", step_names))))
+    t0 = time.perf_counter()
+    _schedule(stages, done, jobs, timings, timings_path, echo, total, position)
+    this_run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "stages": [st.name for st in stages]}
     results = []
-    for j, row in enumerate(recipe.rows, len(recipe.steps) + 1):
+    for row in rows:
         run_dir = out / "eval" / row["name"]
-        if only and row["name"] not in only:
-            continue
-        if (run_dir / "summary.json").is_file():
-            echo(f"[reproduce] {j}/{total} row {row['name']}: done, skipped")
-        else:
-            echo(f"[reproduce] {j}/{total} row {row['name']}: evaluating")
-            timings[row["name"]] = round(_run(_row_argv(recipe, row, run_dir), out / "logs" / f"{row['name']}.log", echo), 1)
-            write_json(timings_path, timings)
         defense = row.get("defense") or []
         defense = [resolve_refs(d) for d in (defense if isinstance(defense, list) else [defense])]
         results.append({"name": row["name"], "group": row.get("group", ""), "model": resolve_refs(str(row["model"])),
                         "defense": defense, "run_dir": str(run_dir),
                         "wall_s": timings.get(row["name"]), **summarize_row(run_dir)})
     doc = {"kind": "reproduce_results", "recipe": recipe.name, "description": recipe.description, "eval": recipe.eval,
-           "rows": results, "timings_s": timings, "latentguard": __version__, "commit": git_commit(),
+           "rows": results, "timings_s": timings, "last_run": this_run, "latentguard": __version__, "commit": git_commit(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     write_json(out / "results.json", doc)
@@ -319,16 +441,28 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print)
 @click.option("--config", "config_path", required=True, help="recipe YAML (configs/reproduce/embedded.yaml, quick.yaml, ...)")
 @click.option("--quick", is_flag=True, help="merge the recipe's `quick:` section over it (CI-scale smoke run)")
 @click.option("--out", default=None, help="output folder (default: the recipe's `out`)")
-@click.option("--only", default=None, help="comma list of row names to (re)evaluate and tabulate")
+@click.option("--only", default=None, help="comma list of row names to evaluate and tabulate (runs only the steps they need)")
+@click.option("--jobs", default=1, show_default=True, type=int,
+              help="stages run at once (each step/row waits for the steps in its `needs`); one per core")
 @click.option("--dry-run", is_flag=True, help="print the commands without running them")
-def command(config_path: str, quick: bool, out: str | None, only: str | None, dry_run: bool) -> int:
+def command(config_path: str, quick: bool, out: str | None, only: str | None, jobs: int, dry_run: bool) -> int:
     """Build the reference models and artefacts, evaluate every row, write results/ and the report."""
     recipe = load_recipe(config_path, quick=quick, out=out)
     if dry_run:
-        for s in recipe.steps:
-            click.echo(f"step {s['name']}: {shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
+        names = [s["name"] for s in recipe.steps]
+        for i, s in enumerate(recipe.steps):
+            needs = ",".join(s.get("needs", names[:i])) or "-"
+            click.echo(f"step {s['name']} (needs {needs}): {shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
         for r in recipe.rows:
-            click.echo(f"row {r['name']}: {shlex.join(_row_argv(recipe, r, recipe.out / 'eval' / r['name'], dry_run=True)[len(_LATENTGUARD):])}")
+            needs = ",".join(r.get("needs", names)) or "-"
+            argv = _row_argv(recipe, r, recipe.out / "eval" / r["name"], dry_run=True)[len(_LATENTGUARD):]
+            click.echo(f"row {r['name']} (needs {needs}): {shlex.join(argv)}")
+        timings_path = recipe.out / "timings.json"
+        if timings_path.is_file():
+            wall, missing = projected_wall_s(recipe, json.loads(timings_path.read_text()), jobs)
+            click.echo(f"projected wall time from scratch with --jobs {jobs}: {wall / 3600:.1f} h ({wall / 60:.0f} min), "
+                       f"from the stage times in {timings_path}"
+                       + (f"; no time recorded for {', '.join(missing)} (counted as 0)" if missing else ""))
         return 0
-    run_recipe(recipe, [o for o in (only or "").split(",") if o] or None, echo=lambda m: click.echo(m, err=True))
+    run_recipe(recipe, [o for o in (only or "").split(",") if o] or None, echo=lambda m: click.echo(m, err=True), jobs=jobs)
     return 0
