@@ -24,7 +24,7 @@ from latentguard.errors import ConfigError
 from latentguard.models import load_model
 from latentguard.training import TrainConfig, train
 from latentguard.training.config import parse_lora
-from latentguard.training.methods.mllr import MLLRConfig, lr_multipliers
+from latentguard.training.methods.mllr import MLLRConfig, MLLRMethod, lr_multipliers
 from latentguard.training.run import wrap_lora
 
 ROBUST = {"q@0-0", "v@1-1", "o@0-0"}
@@ -182,3 +182,21 @@ def test_bad_inputs(tmp_path, tiny_dir, pairs_file, capsys):
         train(_cfg(tmp_path, tiny_dir, pairs_file, scores, lora="r=4,alpha=8,targets=q,v,down"))
     rc = main(["analyze", "modules", "--model", str(tiny_dir), "--harmful", str(pairs_file), "--out", str(tmp_path / "m")])
     assert rc == 2 and "Pass all four" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_multipliers_and_refuses_other_settings(tmp_path, tiny_dir, pairs_file):
+    scores = _scores(tmp_path / "scores", tiny_dir)
+    train(_cfg(tmp_path, tiny_dir, pairs_file, scores, mllr_lambda=0.1, max_steps=2, save_steps=1))
+    meta = tmp_path / "run" / "method" / "meta.json"
+    assert json.loads(meta.read_text())["multipliers"]["k@0-0"] == 0.1
+    with pytest.raises(ConfigError, match=r"mllr_lambda=0.1 \(now 0.5\).*same --mllr-\* settings"):
+        train(_cfg(tmp_path, tiny_dir, pairs_file, scores, mllr_lambda=0.5, max_steps=3, resume=True))
+    res = train(_cfg(tmp_path, tiny_dir, pairs_file, scores, mllr_lambda=0.1, max_steps=3, resume=True))
+    assert res.trainer.state.global_step == 3 and sorted(_names_by_lr(res.trainer.model, res.trainer.optimizer)) == \
+        pytest.approx([1e-3, 1e-2])
+    # restore() takes the saved multipliers, not a recomputation (edit one to tell them apart)
+    art = Artifact.load(tmp_path / "run" / "method")
+    art.meta["multipliers"]["k@0-0"] = 0.2
+    method = MLLRMethod(_cfg(tmp_path, tiny_dir, pairs_file, scores, mllr_lambda=0.1))
+    method.restore(art)
+    assert method.multipliers["k@0-0"] == 0.2 and method.multipliers["q@0-0"] == 1.0

@@ -32,7 +32,7 @@ from latentguard.models import LoadedModel
 from latentguard.training.config import TrainConfig
 from latentguard.training.methods.base import TrainingMethod
 from latentguard.training.methods.registry import METHODS
-from latentguard.training.trainer import tapped_model
+from latentguard.training.trainer import live_loaded, tapped_model
 
 __all__ = ["MLLRConfig", "MLLRMethod", "lr_multipliers"]
 
@@ -132,21 +132,37 @@ class MLLRMethod(TrainingMethod):
         else:
             data = module_data_from_splits(Path(str(cfg.data_dir)) / "refusal_direction_splits", cfg.mllr_n_fit,
                                            cfg.mllr_n_val, cfg.seed)
-            loaded = LoadedModel(model=tapped_model(model), tokenizer=self._loaded.tokenizer, info=self._loaded.info)  # type: ignore[arg-type]
+            loaded = live_loaded(model, self._loaded)
             art = score_modules(loaded, data, cfg.score_config())
-        self.restore(art)
+        self._use_scores(art)
         art.meta["multipliers"] = self.multipliers
-        art.meta["lr"] = {"base": cfg.learning_rate, "lambda": cfg.mllr_lambda, "mapping": cfg.mllr_mapping,
-                          "invert": cfg.mllr_invert}
+        art.meta["lr"] = self._lr_settings()
         return art
 
-    def restore(self, artifact: Artifact) -> None:
+    def _lr_settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"base": cfg.learning_rate, "lambda": cfg.mllr_lambda, "mapping": cfg.mllr_mapping, "invert": cfg.mllr_invert}
+
+    def _use_scores(self, artifact: Artifact) -> None:
         units = artifact.meta["units"]
         drift = {u["name"]: float(u["drift"]) for u in units}
         robust = {u["name"] for u in units if u["robust"]}
         self.scores = artifact
         cfg = self.config
         self.multipliers = lr_multipliers(drift, robust, cfg.mllr_lambda, cfg.mllr_mapping, cfg.mllr_invert)
+
+    def restore(self, artifact: Artifact) -> None:
+        """On resume: the multipliers the run started with; other ML-LR flags than the run's are an error."""
+        saved = artifact.meta.get("lr") or {}
+        now = self._lr_settings()
+        changed = [k for k in ("lambda", "mapping", "invert") if k in saved and saved[k] != now[k]]
+        if changed:
+            was = ", ".join(f"mllr_{k}={saved[k]} (now {now[k]})" for k in changed)
+            raise ConfigError(f"This run started with {was}, recorded in its method/meta.json; resume with the "
+                              "same --mllr-* settings or start a new --out.")
+        self._use_scores(artifact)
+        if "multipliers" in artifact.meta:
+            self.multipliers = {k: float(v) for k, v in artifact.meta["multipliers"].items()}
 
     def _units(self) -> list[Unit]:
         if self.scores is None:
