@@ -56,6 +56,7 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
+            check=False,
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -126,21 +126,30 @@ class RadialRanking:
     instructions: list[str]
     rows: TendencyRows
     meta: dict[str, Any]
+    # scores, orders and the hash are computed once: select_benign runs per request, describe per batch
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scores(self, norm: str | None = None, combine: str | None = None) -> torch.Tensor:
-        return tendency_scores(self.rows, self.meta["n_affirm"], norm or self.meta["norm"],
-                               combine or self.meta["combine"])["score"]
+        key = ("scores", norm or self.meta["norm"], combine or self.meta["combine"])
+        if key not in self._memo:
+            self._memo[key] = tendency_scores(self.rows, self.meta["n_affirm"], key[1], key[2])["score"]
+        return cast(torch.Tensor, self._memo[key]).clone()
 
     def order(self, norm: str | None = None, combine: str | None = None) -> list[int]:
         """Indices by score, descending (ties keep pool order)."""
-        s = self.scores(norm, combine).tolist()
-        return sorted(range(len(s)), key=lambda i: (-s[i], i))
+        key = ("order", norm or self.meta["norm"], combine or self.meta["combine"])
+        if key not in self._memo:
+            s = self.scores(norm, combine).tolist()
+            self._memo[key] = sorted(range(len(s)), key=lambda i: (-s[i], i))
+        return list(self._memo[key])
 
     def sha256(self) -> str:
-        h = hashlib.sha256(sha256_of_texts(self.instructions).encode())
-        for t in (self.rows.logp, self.rows.logp_star, self.rows.n_tokens):
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        if "sha256" not in self._memo:
+            h = hashlib.sha256(sha256_of_texts(self.instructions).encode())
+            for t in (self.rows.logp, self.rows.logp_star, self.rows.n_tokens):
+                h.update(t.contiguous().numpy().tobytes())
+            self._memo["sha256"] = h.hexdigest()[:16]
+        return str(self._memo["sha256"])
 
     def save(self, path: str | Path, loaded: LoadedModel) -> Path:
         art = Artifact(RANKING_KIND, {"logp": self.rows.logp, "logp_star": self.rows.logp_star,

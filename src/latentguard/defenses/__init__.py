@@ -20,7 +20,7 @@ from latentguard.errors import ConfigError
 from latentguard.models import LoadedModel
 from latentguard.registry import Registry
 
-__all__ = ["Defense", "DEFENSES", "parse_defense_spec", "build_defense", "build_defenses", "apply_defenses"]
+__all__ = ["DEFENSES", "Defense", "apply_defenses", "build_defense", "build_defenses", "parse_defense_spec"]
 
 
 class Defense(ABC):

@@ -22,7 +22,7 @@ from latentguard.errors import ConfigError
 from latentguard.hooks import add_vectors, project_out
 from latentguard.models import LoadedModel, normalize_layer
 
-__all__ = ["SteerConfig", "AddDefense", "AblateDefense", "load_direction", "parse_flag"]
+__all__ = ["AblateDefense", "AddDefense", "SteerConfig", "load_direction", "parse_flag"]
 
 DIRECTION_KINDS = ("refusal_direction", "scan_directions")
 

@@ -24,7 +24,7 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = max(1, int(round(len(idx) * test_fraction)))
+        k = max(1, round(len(idx) * test_fraction))
         test.append(idx[:k])
         train.append(idx[k:])
     return np.concatenate(train), np.concatenate(test)

@@ -1,6 +1,13 @@
 """Model loading, architecture table and chat formatting."""
 
-from latentguard.models.arch import ARCHS, PROJECTION_ROLES, ArchSpec, arch_of, normalize_layer, text_config
+from latentguard.models.arch import (
+    ARCHS,
+    PROJECTION_ROLES,
+    ArchSpec,
+    arch_of,
+    normalize_layer,
+    text_config,
+)
 from latentguard.models.chat import eoi_token_ids, format_chats, format_prompts
 from latentguard.models.loading import (
     EMBEDDED,

