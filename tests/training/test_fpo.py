@@ -134,7 +134,16 @@ def test_resume_restores_the_cached_reference_features(tmp_path, tiny_dir, pairs
     first = train(_fpo(tmp_path, tiny_dir, pairs_jsonl, sae_dir, max_steps=1, save_steps=1, fpo_ref_storage="topk",
                        fpo_ref_topk=16))
     cached = {k: v.clone() for k, v in first.trainer.method._ref.items()}
-    assert all(int((v > 0).sum(1).max()) <= 16 for v in cached.values())
+    assert set(cached) == {"chosen_idx", "chosen_val", "rejected_idx", "rejected_val"}  # kept sparse in memory
+    assert all(v.shape == (8, 16) for v in cached.values())
+    # a batch's dense rows are the full reference's top 16 latents, zeros elsewhere
+    full = train(_fpo(tmp_path, tiny_dir, pairs_jsonl, sae_dir, name="full", max_steps=1, save_steps=1)).trainer.method
+    rows = torch.tensor([5, 0, 3])
+    for side in ("chosen", "rejected"):
+        ref = full._ref[side][rows]
+        top = ref.topk(16, dim=1)
+        expected = torch.zeros_like(ref).scatter(1, top.indices, top.values)
+        assert torch.allclose(first.trainer.method._ref_rows(side, rows), expected)
     resumed = train(_fpo(tmp_path, tiny_dir, pairs_jsonl, sae_dir, max_steps=2, resume=True, fpo_ref_storage="topk",
                          fpo_ref_topk=16))
     assert all(torch.equal(resumed.trainer.method._ref[k], cached[k]) for k in cached)

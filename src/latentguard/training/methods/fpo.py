@@ -150,32 +150,34 @@ class FPOMethod(PreferenceMethod):
         device = next(model.parameters()).device
         sae.to(device)
         n, step = len(dataset), self.cfg.precompute_ref_batch_size or self.cfg.per_device_train_batch_size
-        chosen, rejected = torch.zeros(n, sae.d_sae), torch.zeros(n, sae.d_sae)
+        width = sae.d_sae if self.cfg.fpo_ref_storage == "full" else min(self.cfg.fpo_ref_topk, sae.d_sae)
+        vals = {side: torch.zeros(n, width) for side in ("chosen", "rejected")}
+        idx = {side: torch.zeros(n, width, dtype=torch.int32) for side in ("chosen", "rejected")}
         for start in range(0, n, step):
             batch = collate([dataset[i] for i in range(start, min(start + step, n))])
             with capture_live(tapped_model(model), [site]) as hidden:
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       use_cache=False)
-            c, r = pool_codes(sae, hidden[site], batch["completion_mask"]).cpu().chunk(2)
-            chosen[batch[_INDEX]], rejected[batch[_INDEX]] = c, r
-        art = Artifact(kind=REFERENCE_KIND, tensors=self._stored(chosen, rejected), meta={
+            rows = batch[_INDEX]
+            for side, codes in zip(("chosen", "rejected"), pool_codes(sae, hidden[site], batch["completion_mask"]).cpu().chunk(2)):
+                if self.cfg.fpo_ref_storage == "full":
+                    vals[side][rows] = codes
+                else:  # top-k per response as it comes: the dense [n, d_sae] matrix never exists
+                    top = codes.topk(width, dim=1)
+                    vals[side][rows], idx[side][rows] = top.values, top.indices.int()
+        if self.cfg.fpo_ref_storage == "full":
+            tensors = dict(vals)
+        else:
+            tensors = {f"{side}_{kind}": t[side] for side in ("chosen", "rejected") for kind, t in (("idx", idx), ("val", vals))}
+        art = Artifact(kind=REFERENCE_KIND, tensors=tensors, meta={
             "site": site, "sae": str(self.cfg.fpo_sae), "d_sae": sae.d_sae, "pairs": n,
             "storage": self.cfg.fpo_ref_storage, "ref_topk": self.cfg.fpo_ref_topk,
         })
         self.restore(art)  # train on exactly what a resumed run will read back
         return art
 
-    def _stored(self, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-        if self.cfg.fpo_ref_storage == "full":
-            return {"chosen": chosen, "rejected": rejected}
-        out = {}
-        for side, x in (("chosen", chosen), ("rejected", rejected)):
-            top = x.topk(min(self.cfg.fpo_ref_topk, x.shape[1]), dim=1)
-            out[f"{side}_idx"], out[f"{side}_val"] = top.indices.int(), top.values
-        return out
-
     def restore(self, artifact: Artifact) -> None:
-        """The cached c̄_ref (also on resume); top-k lists are densified with zeros outside the list."""
+        """The cached c̄_ref (also on resume). Top-k lists stay sparse; `_ref_rows` densifies a batch's rows."""
         sae, meta = self._sae(), artifact.meta
         if meta.get("site") != str(sae.site) or meta.get("d_sae") != sae.d_sae:
             raise ArtifactError(f"The run's cached reference features were made with an SAE at {meta.get('site')} "
@@ -184,9 +186,15 @@ class FPOMethod(PreferenceMethod):
         if meta.get("storage") == "full":
             self._ref = {side: t[side].float() for side in ("chosen", "rejected")}
             return
-        n = t["chosen_idx"].shape[0]
-        self._ref = {side: torch.zeros(n, sae.d_sae).scatter(1, t[f"{side}_idx"].long(), t[f"{side}_val"].float())
-                     for side in ("chosen", "rejected")}
+        self._ref = {f"{side}_{kind}": t[f"{side}_{kind}"].long() if kind == "idx" else t[f"{side}_{kind}"].float()
+                     for side in ("chosen", "rejected") for kind in ("idx", "val")}
+
+    def _ref_rows(self, side: str, index: Tensor) -> Tensor:
+        """c̄_ref of the batch rows `index`: dense [B, d_sae], zeros outside a stored top-k list."""
+        if side in self._ref:
+            return self._ref[side][index]
+        idx, val = self._ref[f"{side}_idx"][index], self._ref[f"{side}_val"][index]
+        return torch.zeros(len(index), self._sae().d_sae).scatter(1, idx, val)
 
     def preference_loss(self, batch: PreferenceBatch) -> dict[str, Tensor]:
         sae = self._sae()
@@ -196,7 +204,7 @@ class FPOMethod(PreferenceMethod):
         sae.to(hidden.device)
         feat_c, feat_r = pool_codes(sae, hidden, batch.completion_mask).chunk(2)
         index = batch.index.cpu()
-        ref_c, ref_r = (self._ref[s][index].to(feat_c.device) for s in ("chosen", "rejected"))
+        ref_c, ref_r = (self._ref_rows(s, index).to(feat_c.device) for s in ("chosen", "rejected"))
         chosen, rejected = batch.mean_logps()
         ref_chosen, ref_rejected = batch.ref_mean_logps()
         return fpo_loss(chosen, rejected, ref_chosen, ref_rejected, feat_c, feat_r, ref_c, ref_r,
