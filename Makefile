@@ -72,8 +72,9 @@ reproduce-procon: install
 # The one-command reproduction table (results/embedded: results.json, results.md, report.html).
 # Builds refs/ first if missing; resumable. `reproduce-quick` is the CI-scale smoke run of the same pipeline.
 .PHONY: reproduce reproduce-quick
+JOBS ?= 1
 reproduce: install
-	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml
+	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --jobs $(JOBS)
 
 reproduce-quick: install
 	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --quick

@@ -38,7 +38,7 @@ from _common import RESULTS, machine
 
 HERE = Path(__file__).parent
 # The scripts issue 12 lists; one that does not exist yet shows as "missing".
-EXPECTED = ("taps", "eval", "steer", "train", "lock", "mogu", "attack", "peers")
+EXPECTED = ("taps", "eval", "steer", "train", "lock", "mogu", "attack", "peers", "reproduce")
 QUICK = {
     "taps": ["--rounds", "3", "--batch", "8"],
     "eval": ["--rounds", "2", "--prompts", "8", "--max-new-tokens", "16"],
@@ -114,6 +114,10 @@ GOALS = (
          note="none (issue 10: measure)"),
     Goal("  shared prompt cache ÷ full forwards, tendency scoring speed", "attack", "shared_cache_vs_full_forward.speedup_wall",
          "info", cpu="shared_cache_vs_full_forward.speedup_cpu", note="none (> 1: the cache is faster)"),
+    Goal("reproduce --jobs 2 ÷ --jobs 1 wall (quick recipe)", "reproduce", "jobs_over_serial_wall", "<=", 0.8),
+    Goal("  CPU seconds, --jobs 2 ÷ --jobs 1 (the work itself)", "reproduce", "cpu_jobs_over_serial", "info",
+         note="none (≈ 1: no work added)"),
+    Goal("  same results table", "reproduce", "same_results", "true"),
 )
 
 
