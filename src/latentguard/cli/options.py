@@ -7,7 +7,7 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import yaml
@@ -58,20 +58,26 @@ def config_options(cls: type[Any]) -> Callable[[F], F]:
     return deco
 
 
+def read_yaml_mapping(path: Path, what: str, missing_fix: str, shape: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; a missing file, bad syntax or another shape is one line naming the fix."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; {missing_fix}.")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML ({e}); fix its syntax.") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold {shape}.")
+    return loaded
+
+
 def build_config(cls: type[C], config_file: str | None, flags: dict[str, Any]) -> C:
     """Merge YAML settings and explicit flags (flags win) into `cls`; names unknown keys."""
     values: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file {path} is not valid YAML ({e}); fix its syntax.") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping of settings.")
-        names = {f.name for f in dataclasses.fields(cls)}
+        loaded = read_yaml_mapping(path, "Config file", "pass an existing YAML file", "a mapping of settings")
+        names = {f.name for f in dataclasses.fields(cast(Any, cls))}
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ConfigError(f"Unknown settings {unknown} in {path}; known: {sorted(names)}.")

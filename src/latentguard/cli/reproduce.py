@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from latentguard import __version__
 from latentguard.artifacts import git_commit, write_json
+from latentguard.cli.options import read_yaml_mapping
 from latentguard.errors import ConfigError, DataError
 from latentguard.eval.matrix import pick_rate
 from latentguard.eval.report import write_eval_report
@@ -97,14 +97,8 @@ def _subst(value: Any, out: str) -> Any:
 def load_recipe(path: str | Path, quick: bool = False, out: str | None = None) -> Recipe:
     """Read and check a recipe; every problem is one line naming the fix, before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Recipe {path} does not exist; pass --config configs/reproduce/embedded.yaml or your own file.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Recipe {path} is not valid YAML ({e}); fix the file.") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"Recipe {path} must be a mapping with steps, eval and rows.")
+    raw = read_yaml_mapping(path, "Recipe", "pass --config configs/reproduce/embedded.yaml or your own file",
+                            "a mapping with steps, eval and rows")
     if quick:
         if "quick" not in raw:
             raise ConfigError(f"Recipe {path} has no `quick:` section; add one or run without --quick.")

@@ -6,6 +6,7 @@ the activation's device and dtype once, outside the hook.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -59,7 +60,7 @@ def add_vectors(
     for site, vec in vectors.items():
         _check_finite(f"vector at {site}", vec)
         v = (alpha * vec.detach()).to(ref.device, ref.dtype)
-        fns[site] = lambda x, v=v: x + v
+        fns[site] = functools.partial(torch.add, other=v)
     with edit(model, fns):
         yield
 

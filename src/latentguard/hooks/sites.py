@@ -12,7 +12,7 @@ Sites, per decoder block l (0-based; negative layers count from the end):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,7 @@ def parse_site(name: str | Site, n_layers: int) -> Site:
     return Site(kind, normalize_layer(int(layer), n_layers))
 
 
-def parse_sites(model: nn.Module, names: list[str] | list[Site]) -> list[Site]:
+def parse_sites(model: nn.Module, names: Sequence[str | Site]) -> list[Site]:
     n_layers = len(arch_of(model).layer_list(model))
     return [parse_site(n, n_layers) for n in names]
 

@@ -9,7 +9,7 @@ architecture means adding one row here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -126,7 +126,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 def text_config(model: nn.Module) -> Any:
     """The language-model part of the config (multimodal configs nest it)."""
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg = cast(Any, model).config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 

@@ -45,7 +45,7 @@ def format_chats(
     out = []
     for chat in chats:
         msgs = ([{"role": "system", "content": system}] if system is not None else []) + [dict(m) for m in chat]
-        out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        out.append(str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)))
     return out
 
 

@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -200,14 +200,14 @@ def load_model(
         return _load_adapter(Path(where), dtype, device, chat_template)
     if where.endswith(".gguf"):
         model, tok = _load_gguf(Path(where))
-        model = model.to(dtype)
+        model = cast(Any, model).to(dtype)
     elif kwargs.get("local_files_only"):
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     else:
         model, tok = _from_hub(where, dtype)
     _prepare_tokenizer(tok, chat_template)
-    model = model.to(_device(device)).eval()
+    model = cast(Any, model).to(_device(device)).eval()
     return LoadedModel(model=model, tokenizer=tok, info=model_info(model, model_id=spec))
 
 
