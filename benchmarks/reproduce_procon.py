@@ -81,6 +81,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--alpha", type=float, default=0.1, help="ProCon_s alpha")
+    ap.add_argument("--reduce", choices=("sum", "mean"), default="sum",
+                    help="ProCon penalty over layers and tokens: sum (the paper) or mean (scale-free)")
     ap.add_argument("--warmup-alpha", type=float, default=1.0, help="ProCon_wu warm-up alpha")
     ap.add_argument("--warmup-steps", type=int, default=None, help="ProCon_wu warm-up steps (default: steps // 3)")
     ap.add_argument("--mllr-lambda", type=float, default=0.1)
@@ -182,6 +184,8 @@ def _runs(args: argparse.Namespace, scores: Path | None) -> list[Run]:
     for r in table.values():
         if r.method == "procon":
             r.options["procon_n_directions"] = n_dir
+            if args.reduce != "sum":  # the default stays out of the options, so earlier runs resume unchanged
+                r.options["procon_reduce"] = args.reduce
     return [table[n] for n in args.run_list]
 
 

@@ -188,6 +188,12 @@ def test_split_projections_equal_the_stacked_loss():
     far = ref + 1.0
     shrunk = (1.0 - 1e-2 * (1 + ref.abs()))[:, mask].sum() / 2
     assert float(projection_penalty(far, mask, ref, tolerance=1e-2)) == pytest.approx(float(shrunk), rel=1e-5)
+    # mean: one number per (layer, masked token); 5 masked tokens x 3 layers, sum = 2 x batch mean
+    total = (z - ref).abs()[:, mask].sum()
+    assert float(projection_penalty(z, mask, ref, reduce="mean")) == pytest.approx(float(total / (3 * 5)), rel=1e-6)
+    assert float(projection_penalty(z, mask, ref)) == pytest.approx(float(total / 2), rel=1e-6)
+    with pytest.raises(ConfigError, match="reduce='max'"):
+        projection_penalty(z, mask, ref, reduce="max")
     labels = torch.tensor([[-100, -100, 5, 6, -100]])
     assert response_positions(labels, "target").tolist() == [[False, False, True, True, False]]
     assert response_positions(labels, "predicting").tolist() == [[False, True, True, False, False]]

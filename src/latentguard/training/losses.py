@@ -45,8 +45,12 @@ def projection_penalty(
     reference: Float[Tensor, "layer batch seq"] | None = None,
     penalty: str = "abs",
     tolerance: float = 0.0,
+    reduce: str = "sum",
 ) -> Tensor:
     """Σ_layers Σ_masked tokens |z − z_ref| (or squared), mean over the batch, from projections z.
+
+    `reduce="mean"` averages over layers and masked tokens instead (one number per layer-token, so
+    its scale does not grow with depth or response length and α compares with the CE).
 
     `tolerance` > 0 is a relative dead zone: each |Δz| shrinks by tolerance·(1 + |z_ref|), floored
     at 0, so float noise between a cached reference and a live forward gives no gradient (with
@@ -54,6 +58,8 @@ def projection_penalty(
     """
     if penalty not in ("abs", "sq"):
         raise ConfigError(f"penalty={penalty!r}; use 'abs' or 'sq'.")
+    if reduce not in ("sum", "mean"):
+        raise ConfigError(f"reduce={reduce!r}; use 'sum' (the paper) or 'mean'.")
     ref = None if reference is None else reference.float().to(z.device)
     delta = z if ref is None else z - ref
     mag = delta.abs()
@@ -61,6 +67,8 @@ def projection_penalty(
         mag = (mag - tolerance * (1 + (ref.abs() if ref is not None else 0))).clamp(min=0)
     per_token = mag if penalty == "abs" else mag.square()
     per_token = torch.where(mask.to(z.device).unsqueeze(0), per_token, torch.zeros_like(per_token))
+    if reduce == "mean":
+        return per_token.sum() / (mask.sum().clamp(min=1) * z.shape[0])
     return per_token.sum(dim=(0, 2)).mean()
 
 

@@ -62,6 +62,8 @@ class ProConConfig(TrainConfig):
         "α on the projection penalty (ProCon_s: 0.1-0.2); with a warm-up, the α after it (ProCon_wu: 0)"))
     procon_layers: str = field(default="all", metadata=_h("constrained layers: all, last, a comma list or START:STOP"))
     procon_norm: str = field(default="abs", metadata=_h("penalty per token: abs (|Δz|, the paper) or sq (Δz², a deviation)"))
+    procon_reduce: str = field(default="sum", metadata=_h(
+        "sum over layers and tokens (the paper; grows with depth and length) or mean (scale-free, α vs the CE)"))
     procon_tolerance: float = field(default=1e-4, metadata=_h(
         "relative dead zone: |Δz| below tol·(1+|z0|) counts as 0 (float noise of the cached anchors; ~1e-2 under bf16)"))
     procon_positions: str = field(default="target", metadata=_h(
@@ -91,7 +93,8 @@ class ProConConfig(TrainConfig):
                 raise ConfigError(f"{name}={value}; use a finite value >= 0 (0 switches the term off).")
         if self.procon_warmup_steps and self.procon_warmup_epochs:
             raise ConfigError("Both procon_warmup_steps and procon_warmup_epochs are set; give the warm-up length once.")
-        for name, allowed in (("procon_norm", ("abs", "sq")), ("procon_positions", ("target", "predicting")),
+        for name, allowed in (("procon_norm", ("abs", "sq")), ("procon_reduce", ("sum", "mean")),
+                              ("procon_positions", ("target", "predicting")),
                               ("procon_decay", _DECAYS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; use one of {', '.join(allowed)}.")
@@ -318,7 +321,8 @@ class ProConMethod(TrainingMethod):
         with torch.set_grad_enabled(alpha > 0 and torch.is_grad_enabled()):
             z = self._project(hidden)
             ref = self.reference([int(i) for i in batch.index.tolist()], mask)
-            raw = projection_penalty(z, mask, ref, self.config.procon_norm, self.config.procon_tolerance)
+            raw = projection_penalty(z, mask, ref, self.config.procon_norm, self.config.procon_tolerance,
+                                     self.config.procon_reduce)
         self._log(z.detach(), ref, mask, float(raw.detach()), alpha)
         return {"procon": alpha * raw if alpha > 0 else raw.detach() * 0.0}
 
