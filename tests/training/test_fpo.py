@@ -20,7 +20,7 @@ from latentguard.models import load_model
 from latentguard.training import train
 from latentguard.training.config import PreferenceConfig
 from latentguard.training.logs import read_log
-from latentguard.training.methods.fpo import FPOConfig, feature_drift, fpo_loss, union_topk
+from latentguard.training.methods.fpo import FPOConfig, FPOMethod, feature_drift, fpo_loss, union_topk
 from latentguard.training.preference import preference_dataset, read_preference_pairs
 
 ROWS = [{"prompt": f"Say the number {i}.", "chosen": f"The number is {i}.", "rejected": f"No, {7 * i} never, go away",
@@ -148,6 +148,19 @@ def test_resume_restores_the_cached_reference_features(tmp_path, tiny_dir, pairs
                          fpo_ref_topk=16))
     assert all(torch.equal(resumed.trainer.method._ref[k], cached[k]) for k in cached)
     assert [r["step"] for r in read_log(tmp_path / "run/log.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_reference_features_are_read_during_trls_reference_pass(tmp_path, tiny_dir, sae_dir, monkeypatch):
+    """c̄_ref comes from trl's own precompute forward (no second pass) and equals a separate pass."""
+    pairs = tmp_path / "own.jsonl"  # rows no other test uses: trl's cached reference log-probs cannot hit
+    pairs.write_text("".join(json.dumps({**r, "prompt": f"Count to {i}."}) + "\n" for i, r in enumerate(ROWS)))
+    read = train(_fpo(tmp_path, tiny_dir, pairs, sae_dir, name="read", max_steps=1)).trainer.method
+    assert json.loads((tmp_path / "read/method/meta.json").read_text())["source"] == "trl_reference_pass"
+    monkeypatch.setattr(FPOMethod, "reference_sites", lambda self: [])
+    own = train(_fpo(tmp_path, tiny_dir, pairs, sae_dir, name="own", max_steps=1)).trainer.method
+    assert json.loads((tmp_path / "own/method/meta.json").read_text())["source"] == "own_pass"
+    for side in ("chosen", "rejected"):
+        assert own._ref[side].abs().sum() > 0 and torch.allclose(read._ref[side], own._ref[side], atol=1e-5)
 
 
 def test_dpo_method_is_trls_dpo(tmp_path, tiny_dir, pairs_jsonl):

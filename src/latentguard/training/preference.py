@@ -124,6 +124,14 @@ class PreferenceMethod(TrainingMethod):
         """With `replaces_loss`: `{"loss": scalar, <name>: scalar to log, ...}` from trl's forward."""
         raise NotImplementedError(f"{type(self).__name__} sets replaces_loss but defines no preference_loss.")
 
+    def reference_sites(self) -> list[str]:
+        """Sites to read during trl's reference pass (`precompute_ref_log_probs`), so `prepare` needs
+        no second pass over the data; [] (the default) reads nothing."""
+        return []
+
+    def collect_reference(self, hidden: dict[str, Tensor], completion_mask: Tensor) -> None:
+        """One batch of trl's reference pass, batches in training-set order (single process only)."""
+
 
 @contextmanager
 def _forward_output(model: nn.Module) -> Iterator[dict[str, Any]]:
@@ -146,10 +154,23 @@ class PreferenceTrainer(DPOTrainer):
     """DPOTrainer running a `PreferenceMethod`; rows carry `lg_index` for per-pair reference data."""
 
     def __init__(self, *args: Any, method: PreferenceMethod, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.method = method
+        args_ = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # trl's reference pass runs inside DPOTrainer.__init__; one process sees every row in order
+        self._ref_sites = method.reference_sites() if getattr(args_, "world_size", 1) == 1 else []
+        super().__init__(*args, **kwargs)
+        self._ref_sites = []
         self.data_collator = _IndexCollator(self.data_collator)
         self._sites = method.sites(tapped_model(self.model))
+
+    def compute_ref_log_probs(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """trl's reference log-probs; while trl precomputes them, the method also reads its sites."""
+        if not self._ref_sites:
+            return super().compute_ref_log_probs(model, inputs)
+        with capture_live(tapped_model(model), self._ref_sites) as hidden:
+            out = super().compute_ref_log_probs(model, inputs)
+        self.method.collect_reference(hidden, inputs["completion_mask"])
+        return out
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

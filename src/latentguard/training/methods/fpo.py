@@ -124,6 +124,7 @@ class FPOMethod(PreferenceMethod):
         self.cfg = config
         self.sae: SparseAutoencoder | None = None
         self._ref: dict[str, Tensor] = {}
+        self._collected: list[tuple[Tensor, Tensor]] = []  # c̄_ref batches read during trl's reference pass
 
     def setup(self, loaded: LoadedModel) -> None:
         """Load the SAE and check it reads this model at the requested layer (before any training)."""
@@ -143,35 +144,63 @@ class FPOMethod(PreferenceMethod):
     def sites(self, model: nn.Module) -> list[str]:
         return [str(self._sae().site)]
 
+    def reference_sites(self) -> list[str]:
+        return [str(self._sae().site)]
+
+    @torch.no_grad()
+    def collect_reference(self, hidden: dict[str, Tensor], completion_mask: Tensor) -> None:
+        """c̄_ref of one batch of trl's reference pass: the same untrained forward, read in passing."""
+        sae = self._sae()
+        h = hidden[str(sae.site)]
+        sae.to(h.device)
+        chosen, rejected = pool_codes(sae, h, completion_mask).cpu().chunk(2)
+        self._collected.append((chosen, rejected))
+
     @torch.no_grad()
     def prepare(self, model: nn.Module, dataset: Any, collate: Any) -> Artifact:
-        """c̄_ref for every pair's chosen and rejected response: one forward of the untrained model."""
+        """c̄_ref for every pair's chosen and rejected response, from the untrained model.
+
+        Read during trl's own reference pass when it ran here (one process, no cached log-probs);
+        otherwise one forward over the data.
+        """
         sae, site = self._sae(), str(self._sae().site)
-        device = next(model.parameters()).device
-        sae.to(device)
-        n, step = len(dataset), self.cfg.precompute_ref_batch_size or self.cfg.per_device_train_batch_size
+        n = len(dataset)
         width = sae.d_sae if self.cfg.fpo_ref_storage == "full" else min(self.cfg.fpo_ref_topk, sae.d_sae)
         vals = {side: torch.zeros(n, width) for side in ("chosen", "rejected")}
         idx = {side: torch.zeros(n, width, dtype=torch.int32) for side in ("chosen", "rejected")}
-        for start in range(0, n, step):
-            batch = collate([dataset[i] for i in range(start, min(start + step, n))])
-            with capture_live(tapped_model(model), [site]) as hidden:
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False)
-            rows = batch[_INDEX]
-            for side, codes in zip(("chosen", "rejected"), pool_codes(sae, hidden[site], batch["completion_mask"]).cpu().chunk(2)):
+
+        def put(rows: Tensor, chosen: Tensor, rejected: Tensor) -> None:
+            for side, codes in (("chosen", chosen), ("rejected", rejected)):
                 if self.cfg.fpo_ref_storage == "full":
                     vals[side][rows] = codes
                 else:  # top-k per response as it comes: the dense [n, d_sae] matrix never exists
                     top = codes.topk(width, dim=1)
                     vals[side][rows], idx[side][rows] = top.values, top.indices.int()
+
+        collected, self._collected = self._collected, []
+        if sum(len(c) for c, _ in collected) == n:  # trl's pass saw every row, in dataset order
+            source, index, start = "trl_reference_pass", torch.tensor(list(dataset[_INDEX])), 0
+            for chosen, rejected in collected:
+                put(index[start : start + len(chosen)], chosen, rejected)
+                start += len(chosen)
+        else:
+            source = "own_pass"
+            device = next(model.parameters()).device
+            sae.to(device)
+            step = self.cfg.precompute_ref_batch_size or self.cfg.per_device_train_batch_size
+            for start in range(0, n, step):
+                batch = collate([dataset[i] for i in range(start, min(start + step, n))])
+                with capture_live(tapped_model(model), [site]) as hidden:
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          use_cache=False)
+                put(batch[_INDEX], *pool_codes(sae, hidden[site], batch["completion_mask"]).cpu().chunk(2))
         if self.cfg.fpo_ref_storage == "full":
             tensors = dict(vals)
         else:
             tensors = {f"{side}_{kind}": t[side] for side in ("chosen", "rejected") for kind, t in (("idx", idx), ("val", vals))}
         art = Artifact(kind=REFERENCE_KIND, tensors=tensors, meta={
             "site": site, "sae": str(self.cfg.fpo_sae), "d_sae": sae.d_sae, "pairs": n,
-            "storage": self.cfg.fpo_ref_storage, "ref_topk": self.cfg.fpo_ref_topk,
+            "storage": self.cfg.fpo_ref_storage, "ref_topk": self.cfg.fpo_ref_topk, "source": source,
         })
         self.restore(art)  # train on exactly what a resumed run will read back
         return art
@@ -183,6 +212,7 @@ class FPOMethod(PreferenceMethod):
             raise ArtifactError(f"The run's cached reference features were made with an SAE at {meta.get('site')} "
                                 f"({meta.get('d_sae')} latents), not {sae.site} ({sae.d_sae}); start a new --out.")
         t = artifact.tensors
+        self._collected = []  # a resumed run's trl pass collected them again; the artefact is the truth
         if meta.get("storage") == "full":
             self._ref = {side: t[side].float() for side in ("chosen", "rejected")}
             return
