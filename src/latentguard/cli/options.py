@@ -38,7 +38,10 @@ def _click_type(tp: Any) -> tuple[Any, bool]:
 
 
 def field_option(name: str, tp: Any, help_: str) -> Callable[[F], F]:
-    """A click option for a config field of type `tp`: `--x/--no-x` for bools, None default (unset)."""
+    """A click option for a config field of type `tp`: `--x/--no-x` for bools, repeatable for lists,
+    None default (unset)."""
+    if typing.get_origin(tp) is list:
+        return click.option(_flag(name), name, multiple=True, help=help_)
     click_tp, is_flag = _click_type(tp)
     decl = f"{_flag(name)}/--no-{name.replace('_', '-')}" if is_flag else _flag(name)
     return click.option(decl, name, type=None if is_flag else click_tp, default=None, help=help_, show_default=False)

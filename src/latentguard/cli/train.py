@@ -10,7 +10,6 @@ preference methods). Runs unchanged under `accelerate launch`.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 import click
 from trl import DPOConfig, SFTConfig
 
-from latentguard.cli.options import build_config
+from latentguard.cli.options import build_config, field_option
 from latentguard.errors import ConfigError, DataError
 from latentguard.eval.datasets import shared_data_dir
 from latentguard.registry import load_plugins
@@ -64,22 +63,9 @@ def _flag_fields() -> list[tuple[str, str, Any, str]]:
     return out
 
 
-def _scalar(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else str
-    return tp if tp in (bool, int, float, str) else str
-
-
 def _options(f: F) -> F:
     for flag, _, tp, help_ in reversed(_flag_fields()):
-        decl = "--" + flag.replace("_", "-")
-        if typing.get_origin(tp) is list:
-            f = click.option(decl, flag, multiple=True, help=help_)(f)
-        elif _scalar(tp) is bool:
-            f = click.option(f"{decl}/--no-{flag.replace('_', '-')}", flag, default=None, help=help_)(f)
-        else:
-            f = click.option(decl, flag, type=_scalar(tp), default=None, help=help_)(f)
+        f = field_option(flag, tp, help_)(f)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                         help="YAML of settings (any SFTConfig field); flags given here win.")(f)
 
