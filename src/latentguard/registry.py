@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
+import types
+import typing
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from latentguard.errors import ConfigError
 
-__all__ = ["Registry", "load_plugins"]
+__all__ = ["Registry", "load_plugins", "parse_switch", "spec_config"]
 
 T = TypeVar("T")
 
@@ -58,3 +62,46 @@ def load_plugins() -> list[str]:
         ep.load()
         loaded.append(ep.name)
     return loaded
+
+
+def parse_switch(key: str, value: str) -> bool:
+    """`any_model=1` style switches: 1/true/yes or 0/false/no."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise ValueError(f"{key}={value!r} is not a switch (use 1 or 0)")
+
+
+def _base_type(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def spec_config(cls: type[Any], params: dict[str, str], what: str) -> Any:
+    """The `k=v` parameters of a spec (`add:DIR,alpha=2`, `radial:DIR,k=3`) as the config dataclass `cls`.
+
+    Values are cast to the field types (bool: 1/0, true/false, yes/no); a field's metadata `parse`
+    (a str -> value function) and `fix` (the hint in its error) override. Unknown keys and bad values
+    are one-line errors naming the fix; `cls.__post_init__` checks the ranges.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(params) - set(fields))
+    if bad:
+        raise ConfigError(f"Unknown {what} parameter(s) {bad}; known: {sorted(fields)}.")
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        meta, tp = fields[key].metadata, _base_type(hints[key])
+        parse = meta.get("parse") or (functools.partial(parse_switch, key) if tp is bool else
+                                      tp if tp in (int, float) else str)
+        try:
+            values[key] = parse(raw)
+        except ValueError as e:
+            name = "switch" if tp is bool else getattr(tp, "__name__", str(tp))
+            fix = meta.get("fix") or ("pass 1 or 0" if tp is bool else f"pass a {name}")
+            raise ConfigError(f"{what} parameter {key}={raw!r} is not a valid {name}; {fix}.") from e
+    return cls(**values)

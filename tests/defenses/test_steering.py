@@ -107,6 +107,6 @@ def test_a_direction_of_another_model_needs_any_model(tmp_path, tiny, tiny_token
         assert not torch.allclose(_logits(other), plain)
     with pytest.warns(UserWarning, match="applying anyway"):
         build_defense(f"conditional:{art},threshold=0.1,any_model=1", other)
-    with pytest.raises(ConfigError, match="not a switch"):
+    with pytest.raises(ConfigError, match="any_model='maybe' is not a valid switch; pass 1 or 0"):
         build_defense(f"add:{art},any_model=maybe", other)
     assert attack_config(AblateAttack, {"any_model": "1"}).any_model is True

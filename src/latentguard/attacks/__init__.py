@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch import nn
 from latentguard.errors import ConfigError
 from latentguard.models import LoadedModel
 from latentguard.models.chat import Message
-from latentguard.registry import Registry
+from latentguard.registry import Registry, spec_config
 
 __all__ = [
     "ATTACKS",
@@ -196,39 +195,13 @@ def expand_attack_specs(text: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _coerce(cls: type[Any], params: dict[str, str], what: str) -> dict[str, Any]:
-    """Cast `k=v` strings to the config dataclass's field types; unknown keys raise."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(params) - known)
-    if bad:
-        raise ConfigError(f"Unknown {what} parameter(s) {bad}; known: {sorted(known)}.")
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        tp = getattr(hints[k], "__name__", None) or str(hints[k])
-        try:
-            if "bool" in tp:
-                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(v)
-                out[k] = v.lower() in ("1", "true", "yes")
-            elif "float" in tp:
-                out[k] = float(v)
-            elif "int" in tp:
-                out[k] = int(v)
-            else:
-                out[k] = v
-        except ValueError as e:
-            raise ConfigError(f"{what} parameter {k}={v!r} is not a valid {tp}; pass a valid value.") from e
-    return out
-
-
 def attack_config(cls: type[Attack], params: dict[str, str]) -> Any:
     """The attack's config dataclass built from spec parameters (validated by its __post_init__)."""
     if cls.config_cls is None:
         if params:
             raise ConfigError(f"Attack {cls.key!r} takes no parameters; got {sorted(params)}.")
         return None
-    return cls.config_cls(**_coerce(cls.config_cls, params, f"{cls.key!r}"))
+    return spec_config(cls.config_cls, params, f"{cls.key!r}")
 
 
 def check_attack_spec(spec: str) -> None:

@@ -19,7 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from latentguard.defenses import DEFENSES, Defense
-from latentguard.defenses.steering import load_direction, parse_flag
+from latentguard.defenses.steering import load_direction
 from latentguard.errors import ConfigError
 from latentguard.hooks import Site, hook_site
 from latentguard.models import LoadedModel, arch_of, normalize_layer
+from latentguard.registry import spec_config
 
 __all__ = ["ConditionalConfig", "ConditionalDefense", "Gate", "conditional_addition"]
 
@@ -113,15 +114,7 @@ def conditional_addition(
 
 
 def _parse(params: dict[str, str]) -> ConditionalConfig:
-    known: dict[str, Any] = {"layer": int, "alpha": float, "threshold": float, "condition_layer": int, "condition": str,
-                             "any_model": lambda v: parse_flag("any_model", v)}
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise ConfigError(f"Unknown conditional parameter(s) {bad}; known: {sorted(known)}.")
-    try:
-        return ConditionalConfig(**{k: known[k](v) for k, v in params.items()})  # type: ignore[arg-type]
-    except ValueError as e:
-        raise ConfigError(f"Bad conditional parameter in {params}: {e}; pass numbers.") from e
+    return cast(ConditionalConfig, spec_config(ConditionalConfig, params, "conditional"))
 
 
 @DEFENSES.register("conditional")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +49,7 @@ from latentguard.defenses.token_window import first_k_generate, first_k_steps
 from latentguard.errors import ArtifactError, ConfigError, UnsupportedModelError
 from latentguard.hooks import encode_batch
 from latentguard.models import LoadedModel, ModelInfo, arch_of, format_prompts, normalize_layer
+from latentguard.registry import spec_config
 
 __all__ = [
     "GATES",
@@ -368,7 +369,9 @@ def router_gates(loaded: LoadedModel, modules: MoGUModules, prompts: Sequence[st
 
 @dataclass
 class MoGUApplyConfig:
-    k: int | None = field(default=None, metadata={"help": "routed response tokens; None = the artefact's (spec: 5); -1 or 'all' = every token"})
+    k: int | None = field(default=None, metadata={
+        "help": "routed response tokens; None = the artefact's (spec: 5); -1 or 'all' = every token",
+        "parse": lambda v: -1 if v.strip().lower() == "all" else int(v), "fix": "k is an integer or 'all'"})
     mode: str = field(default="mix", metadata={"help": "mix (routers), unwill / glad (that expert alone), base, fixed (gates wu, wg)"})
     wu: float = field(default=1.0, metadata={"help": "fixed Unwill gate (mode=fixed)"})
     wg: float = field(default=0.0, metadata={"help": "fixed Glad gate (mode=fixed)"})
@@ -386,17 +389,7 @@ class MoGUApplyConfig:
 
 
 def _parse(params: dict[str, str]) -> MoGUApplyConfig:
-    known: dict[str, Callable[[str], Any]] = {
-        "k": lambda v: -1 if v.strip().lower() == "all" else int(v), "mode": str, "wu": float, "wg": float, "handoff": str}
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise ConfigError(f"Unknown MoGU parameter(s) {bad}; known: {sorted(known)}.")
-    try:
-        return MoGUApplyConfig(**{k: known[k](v) for k, v in params.items()})
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"Bad MoGU parameter in {params}: {e}; k is an integer or 'all', wu/wg numbers.") from e
+    return cast(MoGUApplyConfig, spec_config(MoGUApplyConfig, params, "MoGU"))
 
 
 @DEFENSES.register(MOGU_KIND)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from latentguard.directions.heads import (
 from latentguard.errors import ConfigError, UnsupportedModelError
 from latentguard.hooks import add_vectors, encode_batch
 from latentguard.models import LoadedModel, arch_of, format_prompts, model_info, text_config
+from latentguard.registry import spec_config
 
 __all__ = [
     "LLAMA2_SYSTEM",
@@ -323,14 +324,7 @@ def export_locked(
 
 
 def _parse(params: dict[str, str]) -> SafetyLockApplyConfig:
-    known = {"alpha": float, "mode": str}
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise ConfigError(f"Unknown lock parameter(s) {bad}; known: {sorted(known)}.")
-    try:
-        return SafetyLockApplyConfig(**{k: known[k](v) for k, v in params.items()})  # type: ignore[arg-type]
-    except ValueError as e:
-        raise ConfigError(f"Bad lock parameter in {params}: {e}; pass alpha=NUMBER, mode=hook|bias.") from e
+    return cast(SafetyLockApplyConfig, spec_config(SafetyLockApplyConfig, params, "lock"))
 
 
 @DEFENSES.register("lock")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,9 @@ from latentguard.defenses import DEFENSES, Defense
 from latentguard.errors import ConfigError
 from latentguard.hooks import add_vectors, project_out
 from latentguard.models import LoadedModel, normalize_layer
+from latentguard.registry import spec_config
 
-__all__ = ["AblateDefense", "AddDefense", "SteerConfig", "load_direction", "parse_flag"]
+__all__ = ["AblateDefense", "AddDefense", "SteerConfig", "load_direction"]
 
 DIRECTION_KINDS = ("refusal_direction", "scan_directions")
 
@@ -37,16 +38,6 @@ class SteerConfig:
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha):
             raise ConfigError(f"alpha={self.alpha} is not finite; pass a finite number.")
-
-
-def parse_flag(key: str, value: str) -> bool:
-    """`any_model=1` style switches: 1/true/yes or 0/false/no."""
-    v = value.strip().lower()
-    if v in ("1", "true", "yes"):
-        return True
-    if v in ("0", "false", "no"):
-        return False
-    raise ValueError(f"{key}={value!r} is not a switch (use 1 or 0)")
 
 
 def load_direction(path: str, loaded: LoadedModel, layer: int | None, any_model: bool = False) -> tuple[Tensor, int, Artifact]:
@@ -69,14 +60,7 @@ def load_direction(path: str, loaded: LoadedModel, layer: int | None, any_model:
 
 
 def _parse(params: dict[str, str]) -> SteerConfig:
-    known: dict[str, Any] = {"layer": int, "alpha": float, "any_model": lambda v: parse_flag("any_model", v)}
-    bad = sorted(set(params) - set(known))
-    if bad:
-        raise ConfigError(f"Unknown steering parameter(s) {bad}; known: {sorted(known)}.")
-    try:
-        return SteerConfig(**{k: known[k](v) for k, v in params.items()})
-    except ValueError as e:
-        raise ConfigError(f"Bad steering parameter in {params}: {e}; pass numbers.") from e
+    return cast(SteerConfig, spec_config(SteerConfig, params, "steering"))
 
 
 @dataclass
