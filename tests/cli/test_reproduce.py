@@ -150,7 +150,10 @@ def test_jobs_run_independent_stages_at_once_and_respect_needs(tmp_path, embedde
     assert t["c"]["start"] >= t["a"]["end"]  # c waited for a
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     assert doc["last_run"]["jobs"] == 2 and set(doc["last_run"]["stages"]) == {"a", "b", "c", "plain"}
-    assert set(doc["timings_s"]) == {"a", "b", "c", "plain"}
+    assert set(doc["timings_s"]) == set(doc["cpu_timings_s"]) == {"a", "b", "c", "plain"}
+    cpu = doc["cpu_timings_s"]  # the stage's own process: a sleeping step uses next to no CPU, an eval row a lot
+    assert cpu["a"] < 1.0 < cpu["plain"] and doc["rows"][0]["cpu_s"] == cpu["plain"]
+    assert doc["last_run"]["cpu_s"] == pytest.approx(sum(cpu.values()), abs=0.3)
 
 
 def test_jobs_failure_stops_new_stages_and_names_the_failed_one(tmp_path, capsys):

@@ -20,8 +20,8 @@ each: `--jobs 2` on a 2-core machine roughly halves the wall time). `--jobs 1` r
 recipe order. When a stage fails, no new stage starts; running ones finish, then the run stops
 naming the failed stage.
 
-Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall time,
-run directories), OUT/results.md (the README table) and OUT/report.html (the eval report of all
+Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall and CPU
+time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage), OUT/results.md (the README table) and OUT/report.html (the eval report of all
 rows: Pareto plot, per-set tables, attack x defence heat maps where rows have them).
 """
 
@@ -168,6 +168,7 @@ class _Stage:
     argv: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    cpu_s: float = 0.0  # user + system seconds of the stage's process and the children it waited for
 
     def start(self) -> None:
         self.argv = self.command()
@@ -179,6 +180,16 @@ class _Stage:
             self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
                                          env={**os.environ, "TQDM_MININTERVAL": "5"})
 
+    def reap(self) -> bool:
+        """True once the process has ended (exit code in proc.returncode, CPU seconds in cpu_s)."""
+        assert self.proc is not None
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        return True
+
     def failure(self, rc: int) -> str:
         tail = self.log.read_text().strip().splitlines()[-1:] or [""]
         argv = self.argv
@@ -186,14 +197,33 @@ class _Stage:
         return f"{shlex.join(shown)} failed (exit {rc}): {tail[0][:300]} — see {self.log}; fix it and rerun, finished stages are kept."
 
 
-def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: dict[str, float], timings_path: Path,
-              echo: Any, total: int, position: dict[str, int]) -> None:
+@dataclass
+class _Timings:
+    """Seconds per stage, rewritten after each: OUT/timings.json (wall) and OUT/cpu_timings.json (CPU)."""
+
+    out: Path
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out: Path) -> _Timings:
+        read = [json.loads(p.read_text()) if p.is_file() else {} for p in (out / "timings.json", out / "cpu_timings.json")]
+        return cls(out, *read)
+
+    def record(self, name: str, wall: float, cpu: float) -> None:
+        self.wall[name], self.cpu[name] = round(wall, 1), round(cpu, 1)
+        write_json(self.out / "timings.json", self.wall)
+        write_json(self.out / "cpu_timings.json", self.cpu)
+
+
+def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: _Timings, echo: Any, total: int,
+              position: dict[str, int]) -> None:
     """Run `stages` (in list order when jobs = 1), at most `jobs` at a time, each once its needs are done."""
     pending: list[_Stage] = list(stages)
     running: list[_Stage] = []
     failed: list[str] = []
     try:
-        _loop(pending, running, failed, done, jobs, timings, timings_path, echo, total, position)
+        _loop(pending, running, failed, done, jobs, timings, echo, total, position)
     finally:  # Ctrl-C or an error here: no orphaned training process keeps the cores
         for st in running:
             if st.proc is not None and st.proc.poll() is None:
@@ -204,7 +234,7 @@ def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: dict[str
 
 
 def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done: set[str], jobs: int,
-          timings: dict[str, float], timings_path: Path, echo: Any, total: int, position: dict[str, int]) -> None:
+          timings: _Timings, echo: Any, total: int, position: dict[str, int]) -> None:
     while pending or running:
         while not failed and len(running) < jobs:
             ready = next((st for st in pending if all(n in done for n in st.needs)), None)
@@ -219,17 +249,16 @@ def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done:
                 break
             raise DataError(f"Stages {[st.name for st in pending]} wait for steps that did not run; check their `needs`.")
         time.sleep(0.2)
-        for st in [st for st in running if st.proc is not None and st.proc.poll() is not None]:
+        for st in [st for st in running if st.reap()]:
             running.remove(st)
             assert st.proc is not None
             if st.proc.returncode != 0:
                 failed.append(st.failure(st.proc.returncode))
                 continue
             wall = time.perf_counter() - st.started
-            timings[st.name] = round(wall, 1)
-            write_json(timings_path, timings)
+            timings.record(st.name, wall, st.cpu_s)
             done.add(st.name)
-            echo(f"[reproduce] {position[st.name]}/{total} {st.kind} {st.name}: done in {wall:.0f} s")
+            echo(f"[reproduce] {position[st.name]}/{total} {st.kind} {st.name}: done in {wall:.0f} s ({st.cpu_s:.0f} CPU s)")
         if failed and not running:
             break
 
@@ -374,8 +403,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
         raise ConfigError(f"--jobs must be at least 1 (got {jobs}); pass --jobs 1 to run one stage at a time.")
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = _Timings.load(out)
     total = len(recipe.steps) + len(recipe.rows)
     position = {st["name"]: i for i, st in enumerate([*recipe.steps, *recipe.rows], 1)}
     step_names = [s["name"] for s in recipe.steps]
@@ -410,8 +438,9 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
         stages.append(_Stage("row", row["name"], functools.partial(_row_argv, recipe, row, out / "eval" / row["name"]),
                              out / "logs" / f"{row['name']}.log", list(row.get("needs", step_names))))
     t0 = time.perf_counter()
-    _schedule(stages, done, jobs, timings, timings_path, echo, total, position)
-    this_run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "stages": [st.name for st in stages]}
+    _schedule(stages, done, jobs, timings, echo, total, position)
+    this_run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(sum(st.cpu_s for st in stages), 1),
+                "stages": [st.name for st in stages]}
     results = []
     for row in rows:
         run_dir = out / "eval" / row["name"]
@@ -419,9 +448,10 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
         defense = [resolve_refs(d) for d in (defense if isinstance(defense, list) else [defense])]
         results.append({"name": row["name"], "group": row.get("group", ""), "model": resolve_refs(str(row["model"])),
                         "defense": defense, "run_dir": str(run_dir),
-                        "wall_s": timings.get(row["name"]), **summarize_row(run_dir)})
+                        "wall_s": timings.wall.get(row["name"]), "cpu_s": timings.cpu.get(row["name"]),
+                        **summarize_row(run_dir)})
     doc = {"kind": "reproduce_results", "recipe": recipe.name, "description": recipe.description, "eval": recipe.eval,
-           "rows": results, "timings_s": timings, "last_run": this_run, "latentguard": __version__, "commit": git_commit(),
+           "rows": results, "timings_s": timings.wall, "cpu_timings_s": timings.cpu, "last_run": this_run, "latentguard": __version__, "commit": git_commit(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     write_json(out / "results.json", doc)
