@@ -21,8 +21,9 @@ recipe order. When a stage fails, no new stage starts; running ones finish, then
 naming the failed stage.
 
 Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall and CPU
-time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage), OUT/results.md (the README table) and OUT/report.html (the eval report of all
-rows: Pareto plot, per-set tables, attack x defence heat maps where rows have them).
+time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage),
+OUT/results.md (the README table) and OUT/report.html (the eval report of all rows: Pareto plot,
+per-set tables, attack x defence heat maps where rows have them).
 """
 
 from __future__ import annotations
