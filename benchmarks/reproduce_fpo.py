@@ -52,10 +52,10 @@ from latentguard.artifacts import write_json
 from latentguard.directions.sae import load_sae, pooled_pair_codes
 from latentguard.directions.sae_train import SAETrainConfig, build_sae
 from latentguard.eval.datasets import resolve_dataset, shared_data_dir
-from latentguard.training import reference_data as rd
 from latentguard.eval.runner import EvalConfig, run_eval
 from latentguard.models import load_model
 from latentguard.training import METHODS
+from latentguard.training import reference_data as rd
 from latentguard.training.config import PreferenceConfig
 from latentguard.training.methods.fpo import FPOConfig, feature_drift
 from latentguard.training.pairs import DEFAULT_SAE_DATA, PairsConfig, build_safety_pairs, sae_texts

@@ -53,7 +53,13 @@ from latentguard.models import load_model
 from latentguard.training import METHODS, train
 from latentguard.training.logs import read_log
 from latentguard.training.merge import MERGED_META, merge_run
-from latentguard.training.reference_data import REFUSALS, harmful_ft_pairs, is_refusal, normalize, read_eval_sets
+from latentguard.training.reference_data import (
+    REFUSALS,
+    harmful_ft_pairs,
+    is_refusal,
+    normalize,
+    read_eval_sets,
+)
 
 DATASETS = ("advbench-heldout", "harmbench-test", "xstest-safe", "gsm8k-test")
 HARMFUL = ("advbench-heldout", "harmbench-test")

@@ -58,10 +58,9 @@ def test_ablate_and_compose_in_order(tmp_path, tiny):
     ds = build_defenses([f"ablate:{art}", f"add:{art},alpha=2", "none"], tiny)
     assert [d.key for d in ds] == ["ablate", "add"]
     before = count_hooks(tiny.model)
-    with pytest.raises(RuntimeError):
-        with apply_defenses(tiny.model, ds):
-            assert count_hooks(tiny.model) > before
-            raise RuntimeError("forced")
+    with pytest.raises(RuntimeError), apply_defenses(tiny.model, ds):
+        assert count_hooks(tiny.model) > before
+        raise RuntimeError("forced")
     assert count_hooks(tiny.model) == before
 
 

@@ -20,7 +20,13 @@ from latentguard.models import load_model
 from latentguard.training import train
 from latentguard.training.config import PreferenceConfig
 from latentguard.training.logs import read_log
-from latentguard.training.methods.fpo import FPOConfig, FPOMethod, feature_drift, fpo_loss, union_topk
+from latentguard.training.methods.fpo import (
+    FPOConfig,
+    FPOMethod,
+    feature_drift,
+    fpo_loss,
+    union_topk,
+)
 from latentguard.training.preference import preference_dataset, read_preference_pairs
 
 ROWS = [{"prompt": f"Say the number {i}.", "chosen": f"The number is {i}.", "rejected": f"No, {7 * i} never, go away",

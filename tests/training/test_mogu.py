@@ -22,6 +22,7 @@ from latentguard.errors import ArtifactError, ConfigError
 from latentguard.eval.datasets import shared_data_dir
 from latentguard.models import load_model
 from latentguard.training import train
+from latentguard.training.borderline import borderline_prompts
 from latentguard.training.methods.mogu import (
     MoGU2Config,
     MoGUConfig,
@@ -30,7 +31,6 @@ from latentguard.training.methods.mogu import (
     response_ce,
     template_lengths,
 )
-from latentguard.training.borderline import borderline_prompts
 from latentguard.training.mogu_data import first_sentence
 from latentguard.training.reference_data import normalize, read_eval_sets
 from tests.conftest import build_tiny
