@@ -414,7 +414,8 @@ def _markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], judges:
         "points is noise."] if rise else []
     setup = (f"IFT set: {args.gsm8k_rows} GSM8K + {args.attack_ift} Attack-IFT rows (harmful_train goals, disjoint from "
              f"advbench-heldout); {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; "
-             f"ProCon α {args.alpha}, warm-up α {args.warmup_alpha} for {args.warmup_steps} steps; eval --limit {args.limit}, "
+             f"ProCon α {args.alpha} (penalty {args.reduce} over layers and tokens), warm-up α {args.warmup_alpha} for "
+             f"{args.warmup_steps} steps; eval --limit {args.limit}, "
              f"greedy, {args.max_new_tokens} new tokens.")
     return "\n".join([f"# ProCon reproduction ({'quick' if args.quick else 'full'})", "", setup, "", *lines, "", *goal,
                       *notes, "", "![drift](drift_training.png)", ""])
