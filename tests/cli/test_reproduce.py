@@ -190,3 +190,30 @@ def test_only_runs_just_the_steps_its_rows_need(tmp_path, embedded, capsys):
     out = tmp_path / "o"
     assert (out / "b.json").is_file() and not (out / "a.json").exists() and not (out / "c.json").exists()
     assert [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["plain"]
+
+
+def test_sigterm_to_the_run_ends_its_running_stages(tmp_path):
+    """`kill RUN` must not leave a training process behind holding the cores."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "long.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nout: {tmp_path / 'o'}\nsteps: [{{name: long, python: '{script} {tmp_path / 'pid'}'}}]\n"
+                      "rows: [{name: a, model: embedded}]\n")
+    run = subprocess.Popen([sys.executable, "-m", "latentguard.cli.main", "reproduce", "--config", str(recipe)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pid_file = tmp_path / "pid"
+    for _ in range(300):  # the step is running once it has written its pid
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # terminated and reaped by the run
+        os.kill(child, 0)

@@ -35,8 +35,10 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,15 +225,24 @@ def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: _Timings
     pending: list[_Stage] = list(stages)
     running: list[_Stage] = []
     failed: list[str] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    # `kill` (SIGTERM) ends the run like Ctrl-C does: through the cleanup below
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         _loop(pending, running, failed, done, jobs, timings, echo, total, position)
-    finally:  # Ctrl-C or an error here: no orphaned training process keeps the cores
+    finally:  # Ctrl-C, kill or an error here: no orphaned training process keeps the cores
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         for st in running:
             if st.proc is not None and st.proc.poll() is None:
                 st.proc.terminate()
                 st.proc.wait()
     if failed:
         raise DataError(failed[0])
+
+
+def _terminated(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done: set[str], jobs: int,
