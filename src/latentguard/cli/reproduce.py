@@ -386,14 +386,19 @@ def _matrix_tables(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def stage_needs(recipe: Recipe) -> dict[str, list[str]]:
+    """Each step's and row's `needs`, defaults filled in: every earlier step for a step, every step for a row."""
+    names = [s["name"] for s in recipe.steps]
+    needs = {s["name"]: list(s.get("needs", names[:i])) for i, s in enumerate(recipe.steps)}
+    return needs | {r["name"]: list(r.get("needs", names)) for r in recipe.rows}
+
+
 def projected_wall_s(recipe: Recipe, timings: dict[str, float], jobs: int) -> tuple[float, list[str]]:
     """Wall time of a from-scratch run with `jobs` slots, scheduled as `run_recipe` does, from per-stage seconds.
 
     Returns (seconds, stages with no recorded time, counted as 0).
     """
-    names = [s["name"] for s in recipe.steps]
-    stages = [(s["name"], list(s.get("needs", names[:i]))) for i, s in enumerate(recipe.steps)]
-    stages += [(r["name"], list(r.get("needs", names))) for r in recipe.rows]
+    stages = list(stage_needs(recipe).items())
     pending, done, now = list(stages), set(), 0.0
     running: list[tuple[float, str]] = []
     while pending or running:
@@ -419,14 +424,14 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
     total = len(recipe.steps) + len(recipe.rows)
     position = {st["name"]: i for i, st in enumerate([*recipe.steps, *recipe.rows], 1)}
     step_names = [s["name"] for s in recipe.steps]
-    needs = {s["name"]: list(s.get("needs", step_names[:i])) for i, s in enumerate(recipe.steps)}
+    needs = stage_needs(recipe)
     rows = [r for r in recipe.rows if not only or r["name"] in only]
     if only and len(rows) != len(set(only)):
         missing = sorted(set(only) - {r["name"] for r in rows})
         raise ConfigError(f"--only names rows the recipe lacks: {', '.join(missing)}; use names from its `rows:`.")
     wanted = set(step_names)
     if only:  # just the steps the chosen rows need, and what those need
-        wanted, todo = set(), [n for r in rows for n in r.get("needs", step_names)]
+        wanted, todo = set(), [n for r in rows for n in needs[r["name"]]]
         while todo:
             n = todo.pop()
             if n not in wanted:
@@ -448,7 +453,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
             echo(f"[reproduce] {position[row['name']]}/{total} row {row['name']}: done, skipped")
             continue
         stages.append(_Stage("row", row["name"], functools.partial(_row_argv, recipe, row, out / "eval" / row["name"]),
-                             out / "logs" / f"{row['name']}.log", list(row.get("needs", step_names))))
+                             out / "logs" / f"{row['name']}.log", needs[row["name"]]))
     t0 = time.perf_counter()
     _schedule(stages, done, jobs, timings, echo, total, position)
     this_run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(sum(st.cpu_s for st in stages), 1),
@@ -485,12 +490,12 @@ def command(config_path: str, quick: bool, out: str | None, only: str | None, jo
     """Build the reference models and artefacts, evaluate every row, write results/ and the report."""
     recipe = load_recipe(config_path, quick=quick, out=out)
     if dry_run:
-        names = [s["name"] for s in recipe.steps]
-        for i, s in enumerate(recipe.steps):
-            needs = ",".join(s.get("needs", names[:i])) or "-"
+        all_needs = stage_needs(recipe)
+        for s in recipe.steps:
+            needs = ",".join(all_needs[s["name"]]) or "-"
             click.echo(f"step {s['name']} (needs {needs}): {shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
         for r in recipe.rows:
-            needs = ",".join(r.get("needs", names)) or "-"
+            needs = ",".join(all_needs[r["name"]]) or "-"
             argv = _row_argv(recipe, r, recipe.out / "eval" / r["name"], dry_run=True)[len(_LATENTGUARD):]
             click.echo(f"row {r['name']} (needs {needs}): {shlex.join(argv)}")
         timings_path = recipe.out / "timings.json"
