@@ -217,3 +217,95 @@ def test_sigterm_to_the_run_ends_its_running_stages(tmp_path):
     assert run.wait(timeout=60) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # terminated and reaped by the run
         os.kill(child, 0)
+
+
+STALE_RECIPE = """
+name: stale
+out: {out}
+eval: {{datasets: "advbench-heldout", limit: 1, max_new_tokens: 1}}
+steps:
+  - name: derived                  # stands in for an artefact built from the model
+    python: "{script} {out}/d/marker.json"
+    inputs: ["{model}"]
+    creates: "{out}/d/marker.json"
+    outputs: ["{out}/d"]
+rows:
+  - {{name: plain, model: "{model}", needs: []}}
+  - {{name: after, model: "{model}", needs: [derived]}}
+"""
+
+
+def test_a_changed_model_makes_its_finished_stages_stale(tmp_path, tiny_tokenizer, capsys):
+    """Rebuilding a model outside the recipe must not leave rows or steps built on the old one in the table."""
+    from latentguard.models import load_model
+    from tests.conftest import build_tiny
+
+    model = tmp_path / "m"
+
+    def save(seed: int) -> str:
+        build_tiny("llama", seed=seed).save_pretrained(model)
+        tiny_tokenizer.save_pretrained(model)
+        return load_model(str(model)).info.fingerprint
+
+    fp0 = save(0)
+    out = tmp_path / "o"
+    recipe = tmp_path / "r.yaml"
+    script = tmp_path / "mk.py"
+    script.write_text("import pathlib, sys\np = pathlib.Path(sys.argv[1])\np.parent.mkdir(parents=True, exist_ok=True)\n"
+                      "p.write_text('{}')\n")
+    recipe.write_text(STALE_RECIPE.format(out=out, model=model, script=script))
+    assert main(["reproduce", "--config", str(recipe)]) == 0
+    assert json.loads((out / "stamps.json").read_text())["derived"]["inputs"] == {str(model): fp0}
+    assert main(["reproduce", "--config", str(recipe)]) == 0  # unchanged: everything reused
+    assert "runs" not in capsys.readouterr().err.replace("stale", "")
+    results = (out / "results.json").read_bytes()
+
+    fp1 = save(1)  # e.g. `make refs` rebuilt the model
+    assert fp1 != fp0
+    assert main(["reproduce", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "3 finished stage(s) are stale" in err and "--rerun-stale" in err
+    assert f"derived (built from {model} {fp0}, which is now {fp1})" in err
+    assert f"plain (evaluated on {model} {fp0}, which is now {fp1})" in err
+    assert "after (needs step derived, which is stale)" in err
+    assert (out / "results.json").read_bytes() == results  # nothing rewritten
+    assert main(["reproduce", "--config", str(recipe), "--dry-run"]) == 0
+    assert "row plain (needs -) [stale: evaluated on" in capsys.readouterr().out
+
+    assert main(["reproduce", "--config", str(recipe), "--rerun-stale"]) == 0
+    moved = list((out / "stale").glob("*/"))
+    assert len(moved) == 1 and (moved[0] / "eval/plain/summary.json").is_file()
+    assert any(moved[0].rglob("d/marker.json"))
+    for row in ("plain", "after"):
+        summary = json.loads((out / "eval" / row / "summary.json").read_text())
+        assert summary["run"]["model"]["fingerprint"] == fp1
+    assert json.loads((out / "stamps.json").read_text())["derived"]["inputs"] == {str(model): fp1}
+    assert main(["reproduce", "--config", str(recipe)]) == 0  # consistent again
+
+
+def test_a_stale_row_that_used_an_artefact_of_another_model(tmp_path):
+    from latentguard.cli.reproduce import _artefact_model, _artefacts_used
+
+    art = tmp_path / "dir"
+    art.mkdir()
+    (art / "meta.json").write_text(json.dumps({"model": {"fingerprint": "bbb"}}))
+    summary = {"run": {"defenses": [{"defense": "add", "artefact": str(art), "artefact_fingerprint": "aaa"}]},
+               "matrix": {"defenses": [{"describe": [{"artefact": "gone", "artefact_fingerprint": "ccc"}]}]}}
+    assert _artefacts_used(summary) == {(str(art), "aaa"), ("gone", "ccc")}
+    assert _artefact_model(str(art)) == "bbb" and _artefact_model("gone") is None
+
+
+def test_stale_steps_need_outputs_to_move_and_inputs_are_lists(tmp_path):
+    from latentguard.cli.reproduce import step_inputs, step_outputs
+
+    assert step_inputs({"run": "direction extract --model refs/aligned --out x"}) == ["refs/aligned"]
+    assert step_inputs({"python": "s.py --model m", "inputs": ["a"]}) == ["a"]
+    assert step_inputs({"python": "s.py --model m"}) == []  # a script's flags are its own
+    assert step_outputs({"python": "s.py --out=o/x"}) == ["o/x"] and step_outputs({"run": "list"}) == []
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nsteps: [{name: s, run: list, inputs: refs/aligned}]\nrows: [{name: a, model: embedded}]\n")
+    with pytest.raises(ConfigError, match="`inputs` must be a list of paths"):
+        load_recipe(recipe)
+    recipe.write_text("name: x\nrows: [{name: a, model: embedded, inputs: [m]}]\n")
+    with pytest.raises(ConfigError, match="row 'a' takes no `inputs`"):
+        load_recipe(recipe)

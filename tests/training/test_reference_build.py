@@ -15,10 +15,13 @@ from latentguard.models import load_model
 from latentguard.training import reference_data as rd
 from latentguard.training.reference import VARIANTS, ReferenceConfig, build_references
 
-SMALL = dict(n_refusal=4, n_retain=4, retain_tokens=4, n_borderline_val=2, aligned_epochs=1, aligned_max_epochs=2,
-             max_borderline_refusal=1.0, n_ift=4, ift_answer_tokens=8, n_harmful=4, harmful_epochs=1,
-             aligned_lora="r=2,alpha=4,targets=all-linear", variant_lora="r=2,alpha=4,targets=q,v",
-             batch_size=8, n_heldout=2, check_tokens=2)
+
+def _cfg(out, model) -> ReferenceConfig:
+    """Every count tiny; one epoch plus one more (the tiny model fails acceptance, so the extension runs)."""
+    return ReferenceConfig(out=str(out), model=str(model), n_refusal=4, n_retain=4, retain_tokens=4, n_borderline_val=2,
+                           aligned_epochs=1, aligned_max_epochs=2, max_borderline_refusal=1.0, n_ift=4,
+                           ift_answer_tokens=8, n_harmful=4, harmful_epochs=1, aligned_lora="r=2,alpha=4,targets=all-linear",
+                           variant_lora="r=2,alpha=4,targets=q,v", batch_size=8, n_heldout=2, check_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def builds(tmp_path_factory, tiny_dir):
         random.seed(rng)
         out = tmp_path_factory.mktemp(f"refs{rng}")
         log: list[str] = []
-        build_references(ReferenceConfig(out=str(out), model=str(tiny_dir), **SMALL), shared_data_dir(), log=log.append)
+        build_references(_cfg(out, tiny_dir), shared_data_dir(), log=log.append)
         outs.append(out)
         logs.append(log)
     return outs, logs
@@ -44,7 +47,7 @@ def test_every_stage_runs_and_a_rerun_skips_them(builds, tiny_dir):
     for name in VARIANTS:
         assert (out / name / "model.safetensors").is_file() and (out / name / "acceptance.json").is_file()
     again: list[str] = []
-    build_references(ReferenceConfig(out=str(out), model=str(tiny_dir), **SMALL), shared_data_dir(), log=again.append)
+    build_references(_cfg(out, tiny_dir), shared_data_dir(), log=again.append)
     assert len(again) == 7 and all(m.endswith("done, skipped") for m in again)
     assert json.loads((out / "build.json").read_text())["stages"] == build["stages"]
 

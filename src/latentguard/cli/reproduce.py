@@ -20,6 +20,15 @@ each: `--jobs 2` on a 2-core machine roughly halves the wall time). `--jobs 1` r
 recipe order. When a stage fails, no new stage starts; running ones finish, then the run stops
 naming the failed stage.
 
+A finished stage is reused only while what it was built from is unchanged (make's rule, by model
+fingerprint instead of file time). A row is stale when its model's fingerprint differs from the one its
+eval run recorded, or a defence artefact it used now belongs to another model; a step is stale when a
+model in its `inputs:` (default: a `run:` step's `--model`) changed since it finished (OUT/stamps.json);
+either is stale when a step it needs is stale or runs again. Stale stages stop the run with one line
+naming them; `--rerun-stale` moves their outputs (rows: OUT/eval/ROW; steps: `outputs:`, default the
+step's `--out`) to OUT/stale/TIME/ and runs them again. Fingerprints are cached by file size and mtime
+in OUT/fingerprints.json, so a check loads each model once.
+
 Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall and CPU
 time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage),
 OUT/results.md (the README table) and OUT/report.html (the eval report of all rows: Pareto plot,
@@ -35,6 +44,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +64,8 @@ from latentguard.errors import ConfigError, DataError
 from latentguard.eval.matrix import pick_rate
 from latentguard.eval.report import write_eval_report
 
-__all__ = ["Recipe", "command", "load_recipe", "projected_wall_s", "run_recipe", "summarize_row"]
+__all__ = ["Recipe", "command", "find_stale", "load_recipe", "plan", "projected_wall_s", "run_recipe", "step_inputs", "step_outputs",
+           "summarize_row"]
 
 _LATENTGUARD = [sys.executable, "-m", "latentguard.cli.main"]
 
@@ -141,6 +152,12 @@ def _check(recipe: Recipe, path: Path) -> None:
         if bad:
             raise ConfigError(f"Recipe {path}: {kind} {stage['name']!r} needs {bad}, which are not steps listed before it; "
                               f"name earlier steps ({', '.join(earlier) or 'none'}).")
+        for key in ("inputs", "outputs"):
+            value = stage.get(key, [])
+            if kind == "row" and key in stage:
+                raise ConfigError(f"Recipe {path}: row {stage['name']!r} takes no `{key}` (a row's input is its `model`); remove it.")
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"Recipe {path}: step {stage['name']!r} `{key}` must be a list of paths, e.g. {key}: [refs/aligned].")
         if kind == "step":
             earlier.append(stage["name"])
 
@@ -220,7 +237,7 @@ class _Timings:
 
 
 def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: _Timings, echo: Any, total: int,
-              position: dict[str, int]) -> None:
+              position: dict[str, int], finished: Callable[[_Stage], None] = lambda st: None) -> None:
     """Run `stages` (in list order when jobs = 1), at most `jobs` at a time, each once its needs are done."""
     pending: list[_Stage] = list(stages)
     running: list[_Stage] = []
@@ -229,7 +246,7 @@ def _schedule(stages: list[_Stage], done: set[str], jobs: int, timings: _Timings
     # `kill` (SIGTERM) ends the run like Ctrl-C does: through the cleanup below
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        _loop(pending, running, failed, done, jobs, timings, echo, total, position)
+        _loop(pending, running, failed, done, jobs, timings, echo, total, position, finished)
     finally:  # Ctrl-C, kill or an error here: no orphaned training process keeps the cores
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -246,7 +263,7 @@ def _terminated(signum: int, _frame: Any) -> None:
 
 
 def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done: set[str], jobs: int,
-          timings: _Timings, echo: Any, total: int, position: dict[str, int]) -> None:
+          timings: _Timings, echo: Any, total: int, position: dict[str, int], finished: Callable[[_Stage], None]) -> None:
     while pending or running:
         while not failed and len(running) < jobs:
             ready = next((st for st in pending if all(n in done for n in st.needs)), None)
@@ -269,6 +286,7 @@ def _loop(pending: list[_Stage], running: list[_Stage], failed: list[str], done:
                 continue
             wall = time.perf_counter() - st.started
             timings.record(st.name, wall, st.cpu_s)
+            finished(st)
             done.add(st.name)
             echo(f"[reproduce] {position[st.name]}/{total} {st.kind} {st.name}: done in {wall:.0f} s ({st.cpu_s:.0f} CPU s)")
         if failed and not running:
@@ -386,6 +404,169 @@ def _matrix_tables(rows: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+_MODEL_FILES = (".safetensors", ".bin", ".gguf", ".json")
+
+
+class _Fingerprints:
+    """Current fingerprints of model specs, cached in OUT/fingerprints.json by the size and mtime of their files."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "fingerprints.json"
+        self.cache: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @staticmethod
+    def _key(spec: str) -> list[Any] | None:
+        from latentguard.models.loading import EMBEDDED, embedded_gguf
+
+        path = embedded_gguf() if spec == EMBEDDED else Path(spec)
+        files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.suffix in _MODEL_FILES) if path.is_dir() else []
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
+
+    def get(self, spec: str) -> str | None:
+        """The model's fingerprint now; None when it does not exist."""
+        key = self._key(spec)
+        if key is None:
+            return None
+        hit = self.cache.get(spec)
+        if hit and hit["key"] == key:
+            return str(hit["fingerprint"])
+        from latentguard.models import load_model
+
+        loaded = load_model(spec)
+        fp = loaded.info.fingerprint
+        del loaded
+        self.cache[spec] = {"key": key, "fingerprint": fp}
+        write_json(self.path, self.cache)
+        return fp
+
+
+def step_inputs(step: dict[str, Any]) -> list[str]:
+    """The models a step is built from: its `inputs:`, else the `--model` of a `run:` step."""
+    if "inputs" in step:
+        return list(step["inputs"])
+    model = _flag_value(step, "--model") if "run" in step else None
+    return [model] if model else []
+
+
+def step_outputs(step: dict[str, Any]) -> list[str]:
+    """What a step writes (moved aside by --rerun-stale): its `outputs:`, else its `--out`."""
+    if "outputs" in step:
+        return list(step["outputs"])
+    out = _flag_value(step, "--out")
+    return [out] if out else []
+
+
+def _flag_value(step: dict[str, Any], flag: str) -> str | None:
+    argv = shlex.split(str(step.get("run") or step.get("python") or ""))
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _artefacts_used(summary: dict[str, Any]) -> set[tuple[str, str]]:
+    """(artefact path, fingerprint of the model it was built for) of every defence an eval run applied."""
+    found: set[tuple[str, str]] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            if "artefact" in x and "artefact_fingerprint" in x:
+                found.add((str(x["artefact"]), str(x["artefact_fingerprint"])))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk([summary["run"].get("defenses"), summary.get("matrix", {}).get("defenses")])
+    return found
+
+
+def _artefact_model(path: str) -> str | None:
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        return None
+    model = json.loads(meta.read_text()).get("model")
+    return str(model["fingerprint"]) if isinstance(model, dict) and "fingerprint" in model else None
+
+
+def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str, Any]], done: set[str],
+               fingerprints: _Fingerprints) -> dict[str, str]:
+    """Finished steps and rows whose inputs changed since they ran: {name: why}. `done`: the finished ones."""
+    needs, stale = stage_needs(recipe), {}
+    stamps = _read_stamps(recipe.out)
+    rerun = {s["name"] for s in steps if s["name"] not in done and s.get("creates")}  # will run (again)
+
+    def need_changed(name: str) -> str | None:
+        n = next((n for n in needs[name] if n in rerun or n in stale), None)
+        return None if n is None else f"needs step {n}, which {'is stale' if n in stale else 'runs again'}"
+
+    def changed(spec: str, fp: str, what: str) -> str | None:
+        now = fingerprints.get(spec)
+        return None if now == fp else f"{what} {spec} {fp}, which is {'missing' if now is None else 'now ' + now}"
+
+    for step in (s for s in steps if s["name"] in done):
+        name = step["name"]
+        why = need_changed(name)
+        for spec, fp in ({} if why else stamps.get(name, {}).get("inputs", {})).items():
+            why = why or changed(spec, fp, "built from")
+        if why:
+            stale[name] = why
+    for row in (r for r in rows if r["name"] in done):
+        name = row["name"]
+        why = need_changed(name)
+        if not why:
+            summary = json.loads((recipe.out / "eval" / name / "summary.json").read_text())
+            why = changed(resolve_refs(str(row["model"])), str(summary["run"]["model"]["fingerprint"]), "evaluated on")
+            for art, fp in sorted(_artefacts_used(summary)):
+                now = _artefact_model(art)
+                if not why and now != fp:
+                    why = f"used artefact {art} built for {fp}, which is {'missing' if now is None else 'now for ' + now}"
+        if why:
+            stale[name] = why
+    return stale
+
+
+def _read_stamps(out: Path) -> dict[str, Any]:
+    path = out / "stamps.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _stamp(out: Path, step: dict[str, Any], fingerprints: _Fingerprints) -> None:
+    """Record the fingerprints of a finished step's inputs (OUT/stamps.json)."""
+    stamps = _read_stamps(out)
+    stamps[step["name"]] = {"inputs": {spec: fingerprints.get(spec) for spec in step_inputs(step)},
+                            "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    write_json(out / "stamps.json", stamps)
+
+
+def _move_stale(recipe: Recipe, steps: list[dict[str, Any]], stale: dict[str, str], echo: Any) -> None:
+    """Move the outputs of stale stages to OUT/stale/TIME/ (checked first: nothing moves if one can't be)."""
+    by_name = {s["name"]: s for s in steps}
+    moves = []
+    for name in stale:
+        if name in by_name:
+            outs = step_outputs(by_name[name])
+            if not outs:
+                raise ConfigError(f"Step {name!r} is stale but the recipe names no outputs for it; "
+                                  "add `outputs: [PATH]` to the step (or delete what it wrote) and rerun.")
+            moves += [Path(o) for o in outs if Path(o).exists()]
+        else:
+            moves.append(recipe.out / "eval" / name)
+    dest = recipe.out / "stale" / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    (recipe.out / "stale" / ".gitignore").write_text("# outputs of stale stages, moved by --rerun-stale\n*\n")
+    for src in moves:
+        full = src.resolve()
+        base = next((b for b in (recipe.out.resolve(), Path.cwd().resolve()) if full.is_relative_to(b)), Path(full.anchor))
+        target = dest / full.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(target))
+        echo(f"[reproduce] moved {src} to {target}")
+
+
 def stage_needs(recipe: Recipe) -> dict[str, list[str]]:
     """Each step's and row's `needs`, defaults filled in: every earlier step for a step, every step for a row."""
     names = [s["name"] for s in recipe.steps]
@@ -414,8 +595,35 @@ def projected_wall_s(recipe: Recipe, timings: dict[str, float], jobs: int) -> tu
     return now, [n for n, _ in stages if n not in timings]
 
 
-def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print, jobs: int = 1) -> Path:
-    """Run the recipe's steps and rows (resuming; `jobs` at a time), then write results.json, results.md and report.html."""
+def plan(recipe: Recipe, only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+    """(steps to consider, rows to evaluate, names of the finished ones): `only` keeps those rows and the steps
+    they need, directly or through other steps; a step is finished when its `creates` exists, a row when its
+    eval summary does."""
+    needs = stage_needs(recipe)
+    rows = [r for r in recipe.rows if not only or r["name"] in only]
+    if only and len(rows) != len(set(only)):
+        missing = sorted(set(only) - {r["name"] for r in rows})
+        raise ConfigError(f"--only names rows the recipe lacks: {', '.join(missing)}; use names from its `rows:`.")
+    wanted = {s["name"] for s in recipe.steps}
+    if only:
+        wanted, todo = set(), [n for r in rows for n in needs[r["name"]]]
+        while todo:
+            n = todo.pop()
+            if n not in wanted:
+                wanted.add(n)
+                todo += needs[n]
+    steps = [s for s in recipe.steps if s["name"] in wanted]
+    done = {s["name"] for s in steps if s.get("creates") and Path(s["creates"]).exists()}
+    done |= {r["name"] for r in rows if (recipe.out / "eval" / r["name"] / "summary.json").is_file()}
+    return steps, rows, done
+
+
+def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print, jobs: int = 1,
+               rerun_stale: bool = False) -> Path:
+    """Run the recipe's steps and rows (resuming; `jobs` at a time), then write results.json, results.md and report.html.
+
+    Finished stages whose inputs changed stop the run (DataError naming them) unless `rerun_stale`.
+    """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {jobs}); pass --jobs 1 to run one stage at a time.")
     out = recipe.out
@@ -423,39 +631,38 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
     timings = _Timings.load(out)
     total = len(recipe.steps) + len(recipe.rows)
     position = {st["name"]: i for i, st in enumerate([*recipe.steps, *recipe.rows], 1)}
-    step_names = [s["name"] for s in recipe.steps]
     needs = stage_needs(recipe)
-    rows = [r for r in recipe.rows if not only or r["name"] in only]
-    if only and len(rows) != len(set(only)):
-        missing = sorted(set(only) - {r["name"] for r in rows})
-        raise ConfigError(f"--only names rows the recipe lacks: {', '.join(missing)}; use names from its `rows:`.")
-    wanted = set(step_names)
-    if only:  # just the steps the chosen rows need, and what those need
-        wanted, todo = set(), [n for r in rows for n in needs[r["name"]]]
-        while todo:
-            n = todo.pop()
-            if n not in wanted:
-                wanted.add(n)
-                todo += needs[n]
-    stages, done = [], set()
-    for step in recipe.steps:
-        if step["name"] not in wanted:
-            continue
-        creates = step.get("creates")
-        if creates and Path(creates).exists():
+    steps, rows, done = plan(recipe, only)
+    fingerprints = _Fingerprints(out)
+    stale = find_stale(recipe, steps, rows, done, fingerprints)
+    if stale and not rerun_stale:
+        raise DataError(f"{len(stale)} finished stage(s) are stale: " + "; ".join(f"{n} ({why})" for n, why in stale.items())
+                        + f". Pass --rerun-stale to move their outputs to {out / 'stale'}/ and run them again.")
+    if stale:
+        _move_stale(recipe, steps, stale, echo)
+        done -= set(stale)
+    stages = []
+    for step in steps:
+        if step["name"] in done:
             echo(f"[reproduce] {position[step['name']]}/{total} step {step['name']}: done, skipped")
-            done.add(step["name"])
             continue
         stages.append(_Stage("step", step["name"], functools.partial(_step_argv, step), out / "logs" / f"{step['name']}.log",
                              needs[step["name"]]))
     for row in rows:
-        if (out / "eval" / row["name"] / "summary.json").is_file():
+        if row["name"] in done:
             echo(f"[reproduce] {position[row['name']]}/{total} row {row['name']}: done, skipped")
             continue
         stages.append(_Stage("row", row["name"], functools.partial(_row_argv, recipe, row, out / "eval" / row["name"]),
                              out / "logs" / f"{row['name']}.log", needs[row["name"]]))
+    by_name = {s["name"]: s for s in steps}
+    done &= set(by_name)  # the scheduler's `done`: finished steps
+
+    def finished(st: _Stage) -> None:
+        if st.kind == "step":
+            _stamp(out, by_name[st.name], fingerprints)
+
     t0 = time.perf_counter()
-    _schedule(stages, done, jobs, timings, echo, total, position)
+    _schedule(stages, done, jobs, timings, echo, total, position, finished)
     this_run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(sum(st.cpu_s for st in stages), 1),
                 "stages": [st.name for st in stages]}
     results = []
@@ -485,19 +692,29 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
 @click.option("--only", default=None, help="comma list of row names to evaluate and tabulate (runs only the steps they need)")
 @click.option("--jobs", default=1, show_default=True, type=int,
               help="stages run at once (each step/row waits for the steps in its `needs`); one per core")
+@click.option("--rerun-stale", is_flag=True,
+              help="finished stages whose models or artefacts changed: move their outputs to OUT/stale/ and run them again")
 @click.option("--dry-run", is_flag=True, help="print the commands without running them")
-def command(config_path: str, quick: bool, out: str | None, only: str | None, jobs: int, dry_run: bool) -> int:
+def command(config_path: str, quick: bool, out: str | None, only: str | None, jobs: int, rerun_stale: bool,
+            dry_run: bool) -> int:
     """Build the reference models and artefacts, evaluate every row, write results/ and the report."""
     recipe = load_recipe(config_path, quick=quick, out=out)
     if dry_run:
         all_needs = stage_needs(recipe)
-        for s in recipe.steps:
+        steps, rows, done = plan(recipe, [o for o in (only or "").split(",") if o] or None)
+        stale = find_stale(recipe, steps, rows, done, _Fingerprints(recipe.out)) if done else {}
+
+        def status(name: str) -> str:
+            return f"stale: {stale[name]}" if name in stale else "done" if name in done else "runs"
+
+        for s in steps:
             needs = ",".join(all_needs[s["name"]]) or "-"
-            click.echo(f"step {s['name']} (needs {needs}): {shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
-        for r in recipe.rows:
+            click.echo(f"step {s['name']} (needs {needs}) [{status(s['name'])}]: "
+                       f"{shlex.join(_step_argv(s)[len(_LATENTGUARD) if 'run' in s else 1:])}")
+        for r in rows:
             needs = ",".join(all_needs[r["name"]]) or "-"
             argv = _row_argv(recipe, r, recipe.out / "eval" / r["name"], dry_run=True)[len(_LATENTGUARD):]
-            click.echo(f"row {r['name']} (needs {needs}): {shlex.join(argv)}")
+            click.echo(f"row {r['name']} (needs {needs}) [{status(r['name'])}]: {shlex.join(argv)}")
         timings_path = recipe.out / "timings.json"
         if timings_path.is_file():
             wall, missing = projected_wall_s(recipe, json.loads(timings_path.read_text()), jobs)
@@ -505,5 +722,6 @@ def command(config_path: str, quick: bool, out: str | None, only: str | None, jo
                        f"from the stage times in {timings_path}"
                        + (f"; no time recorded for {', '.join(missing)} (counted as 0)" if missing else ""))
         return 0
-    run_recipe(recipe, [o for o in (only or "").split(",") if o] or None, echo=lambda m: click.echo(m, err=True), jobs=jobs)
+    run_recipe(recipe, [o for o in (only or "").split(",") if o] or None, echo=lambda m: click.echo(m, err=True), jobs=jobs,
+               rerun_stale=rerun_stale)
     return 0
