@@ -282,6 +282,15 @@ def test_a_changed_model_makes_its_finished_stages_stale(tmp_path, tiny_tokenize
     assert json.loads((out / "stamps.json").read_text())["derived"]["inputs"] == {str(model): fp1}
     assert main(["reproduce", "--config", str(recipe)]) == 0  # consistent again
 
+    # a step finished before stamps were kept: an artefact meta.json it created names the model it was built for
+    (out / "stamps.json").unlink()
+    (out / "d/marker.json").write_text(json.dumps({"model": {"fingerprint": fp0}}))
+    (out / "d/meta.json").write_text(json.dumps({"model": {"fingerprint": fp0}}))
+    recipe.write_text(STALE_RECIPE.format(out=out, model=model, script=script).replace("d/marker.json", "d/meta.json"))
+    assert main(["reproduce", "--config", str(recipe), "--only", "plain"]) == 0  # the row needs no step
+    assert main(["reproduce", "--config", str(recipe), "--dry-run"]) == 0
+    assert f"step derived (needs -) [stale: built from {model} {fp0}, which is now {fp1}]" in capsys.readouterr().out
+
 
 def test_a_stale_row_that_used_an_artefact_of_another_model(tmp_path):
     from latentguard.cli.reproduce import _artefact_model, _artefacts_used

@@ -23,7 +23,8 @@ naming the failed stage.
 A finished stage is reused only while what it was built from is unchanged (make's rule, by model
 fingerprint instead of file time). A row is stale when its model's fingerprint differs from the one its
 eval run recorded, or a defence artefact it used now belongs to another model; a step is stale when a
-model in its `inputs:` (default: a `run:` step's `--model`) changed since it finished (OUT/stamps.json);
+model in its `inputs:` (default: a `run:` step's `--model`) changed since it finished (OUT/stamps.json; for a
+step finished before it kept stamps, the model named in the meta.json it `creates`, if it is an artefact);
 either is stale when a step it needs is stale or runs again. Stale stages stop the run with one line
 naming them; `--rerun-stale` moves their outputs (rows: OUT/eval/ROW; steps: `outputs:`, default the
 step's `--out`) to OUT/stale/TIME/ and runs them again. Fingerprints are cached by file size and mtime
@@ -510,7 +511,11 @@ def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str,
     for step in (s for s in steps if s["name"] in done):
         name = step["name"]
         why = need_changed(name)
-        for spec, fp in ({} if why else stamps.get(name, {}).get("inputs", {})).items():
+        recorded = stamps.get(name, {}).get("inputs")
+        if recorded is None and len(step_inputs(step)) == 1:  # finished before stamps: an artefact's meta names its model
+            fp = _artefact_model(str(Path(step["creates"]).parent))
+            recorded = {step_inputs(step)[0]: fp} if fp else {}
+        for spec, fp in ({} if why else recorded or {}).items():
             why = why or changed(spec, fp, "built from")
         if why:
             stale[name] = why
