@@ -32,6 +32,13 @@ def _script(tmp_path: Path) -> Path:
     return script
 
 
+def _rejects(recipe: Path, text: str, match: str) -> None:
+    """`text` as a recipe fails to load with a one-line ConfigError matching `match`."""
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(recipe)
+
+
 def test_recipe_runs_steps_and_rows_then_resumes(tmp_path, embedded):
     out = tmp_path / "res"
     recipe = tmp_path / "r.yaml"
@@ -58,15 +65,9 @@ def test_quick_merges_and_bad_recipes_fail_clearly(tmp_path):
     assert load_recipe(recipe, quick=True).eval == {"datasets": "advbench-heldout,gsm8k-test", "limit": 1, "max_new_tokens": 1}
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
-    recipe.write_text("name: x\nrows: []\n")
-    with pytest.raises(ConfigError, match="has no rows"):
-        load_recipe(recipe)
-    recipe.write_text("name: x\nrows: [{name: a}]\n")
-    with pytest.raises(ConfigError, match="has no `model`"):
-        load_recipe(recipe)
-    recipe.write_text("name: x\nsteps: [{name: s, run: list, python: x.py}]\nrows: [{name: a, model: embedded}]\n")
-    with pytest.raises(ConfigError, match="exactly one of"):
-        load_recipe(recipe)
+    _rejects(recipe, "name: x\nrows: []\n", "has no rows")
+    _rejects(recipe, "name: x\nrows: [{name: a}]\n", "has no `model`")
+    _rejects(recipe, "name: x\nsteps: [{name: s, run: list, python: x.py}]\nrows: [{name: a, model: embedded}]\n", "exactly one of")
     with pytest.raises(ConfigError, match="no `quick:` section"):
         recipe.write_text("name: x\nrows: [{name: a, model: embedded}]\n")
         load_recipe(recipe, quick=True)
@@ -172,9 +173,7 @@ def test_needs_must_name_earlier_steps(tmp_path):
                       "rows: [{name: a, model: embedded}]\n")
     with pytest.raises(ConfigError, match=r"step 's' needs \['t'\], which are not steps listed before it"):
         load_recipe(recipe)
-    recipe.write_text("name: x\nsteps: [{name: s, run: list}]\nrows: [{name: a, model: embedded, needs: s}]\n")
-    with pytest.raises(ConfigError, match="must be a list of step names"):
-        load_recipe(recipe)
+    _rejects(recipe, "name: x\nsteps: [{name: s, run: list}]\nrows: [{name: a, model: embedded, needs: s}]\n", "must be a list of step names")
     recipe.write_text("name: x\nrows: [{name: a, model: embedded}]\n")
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):
         from latentguard.cli.reproduce import run_recipe
@@ -312,9 +311,5 @@ def test_stale_steps_need_outputs_to_move_and_inputs_are_lists(tmp_path):
     assert step_inputs({"python": "s.py --model m"}) == []  # a script's flags are its own
     assert step_outputs({"python": "s.py --out=o/x"}) == ["o/x"] and step_outputs({"run": "list"}) == []
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: x\nsteps: [{name: s, run: list, inputs: refs/aligned}]\nrows: [{name: a, model: embedded}]\n")
-    with pytest.raises(ConfigError, match="`inputs` must be a list of paths"):
-        load_recipe(recipe)
-    recipe.write_text("name: x\nrows: [{name: a, model: embedded, inputs: [m]}]\n")
-    with pytest.raises(ConfigError, match="row 'a' takes no `inputs`"):
-        load_recipe(recipe)
+    _rejects(recipe, "name: x\nsteps: [{name: s, run: list, inputs: refs/aligned}]\nrows: [{name: a, model: embedded}]\n", "`inputs` must be a list of paths")
+    _rejects(recipe, "name: x\nrows: [{name: a, model: embedded, inputs: [m]}]\n", "row 'a' takes no `inputs`")
