@@ -280,6 +280,14 @@ def test_a_changed_model_makes_its_finished_stages_stale(tmp_path, tiny_tokenize
         assert summary["run"]["model"]["fingerprint"] == fp1
     assert json.loads((out / "stamps.json").read_text())["derived"]["inputs"] == {str(model): fp1}
     assert main(["reproduce", "--config", str(recipe)]) == 0  # consistent again
+    capsys.readouterr()
+
+    # an edited recipe: the rows' eval command changed, the step's did not
+    recipe.write_text(STALE_RECIPE.format(out=out, model=model, script=script).replace("max_new_tokens: 1", "max_new_tokens: 2"))
+    assert main(["reproduce", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "2 finished stage(s) are stale: plain (its command changed: was `eval --datasets" in err
+    assert "--max-new-tokens 1 " in err and "--max-new-tokens 2 " in err and "derived (" not in err
 
     # a step finished before stamps were kept: an artefact meta.json it created names the model it was built for
     (out / "stamps.json").unlink()

@@ -21,7 +21,8 @@ recipe order. When a stage fails, no new stage starts; running ones finish, then
 naming the failed stage.
 
 A finished stage is reused only while what it was built from is unchanged (make's rule, by model
-fingerprint instead of file time). A row is stale when its model's fingerprint differs from the one its
+fingerprint instead of file time) and its command is the one it ran (ninja's rule; OUT/stamps.json keeps
+each stage's command, without the interpreter). A row is stale when its model's fingerprint differs from the one its
 eval run recorded, or a defence artefact it used now belongs to another model; a step is stale when a
 model in its `inputs:` (default: a `run:` step's `--model`) changed since it finished (OUT/stamps.json; for a
 step finished before it kept stamps, the model named in the meta.json it `creates`, if it is an artefact);
@@ -508,9 +509,13 @@ def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str,
         now = fingerprints.get(spec)
         return None if now == fp else f"{what} {spec} {fp}, which is {'missing' if now is None else 'now ' + now}"
 
+    def command_changed(name: str, argv: list[str]) -> str | None:
+        was, now = stamps.get(name, {}).get("command"), _command(argv)
+        return None if was is None or was == now else f"its command changed: was `{was}`, now `{now}`"
+
     for step in (s for s in steps if s["name"] in done):
         name = step["name"]
-        why = need_changed(name)
+        why = need_changed(name) or command_changed(name, _step_argv(step))
         recorded = stamps.get(name, {}).get("inputs")
         if recorded is None and len(step_inputs(step)) == 1:  # finished before stamps: an artefact's meta names its model
             fp = _artefact_model(str(Path(step["creates"]).parent))
@@ -521,7 +526,7 @@ def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str,
             stale[name] = why
     for row in (r for r in rows if r["name"] in done):
         name = row["name"]
-        why = need_changed(name)
+        why = need_changed(name) or command_changed(name, _row_argv(recipe, row, recipe.out / "eval" / name, dry_run=True))
         if not why:
             summary = json.loads((recipe.out / "eval" / name / "summary.json").read_text())
             why = changed(resolve_refs(str(row["model"])), str(summary["run"]["model"]["fingerprint"]), "evaluated on")
@@ -539,11 +544,17 @@ def _read_stamps(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _stamp(out: Path, step: dict[str, Any], fingerprints: _Fingerprints) -> None:
-    """Record the fingerprints of a finished step's inputs (OUT/stamps.json)."""
+def _command(argv: list[str]) -> str:
+    """A stage's command without the interpreter (which differs between checkouts): what a stamp compares."""
+    return shlex.join(argv[len(_LATENTGUARD):] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv[1:])
+
+
+def _stamp(out: Path, st: _Stage, step: dict[str, Any] | None, fingerprints: _Fingerprints) -> None:
+    """Record a finished stage's command and, for a step, its inputs' fingerprints (OUT/stamps.json)."""
     stamps = _read_stamps(out)
-    stamps[step["name"]] = {"inputs": {spec: fingerprints.get(spec) for spec in step_inputs(step)},
-                            "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    stamps[st.name] = {"command": _command(st.argv),
+                       "inputs": {spec: fingerprints.get(spec) for spec in step_inputs(step)} if step else {},
+                       "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     write_json(out / "stamps.json", stamps)
 
 
@@ -663,8 +674,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
     done &= set(by_name)  # the scheduler's `done`: finished steps
 
     def finished(st: _Stage) -> None:
-        if st.kind == "step":
-            _stamp(out, by_name[st.name], fingerprints)
+        _stamp(out, st, by_name.get(st.name), fingerprints)
 
     t0 = time.perf_counter()
     _schedule(stages, done, jobs, timings, echo, total, position, finished)
