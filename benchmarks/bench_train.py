@@ -6,15 +6,18 @@
    computed once before the rounds) vs `--method sft`: time per optimizer step
    (goals: procon_step_over_sft_step <= 1.10, mllr_step_over_sft_step <= 1.02), and the peak
    memory of each run (ratio to sft).
-Same model (embedded), data (the first batch*steps GSM8K train rows, one epoch), LoRA r=8 on
+Same model (embedded, or --model / --model-config), data (the first batch*steps GSM8K train rows, one epoch), LoRA r=8 on
 q,k,v,o, batch, max length and optimizer. A step's time is trl's `train_runtime` (wall time of the
 training loop: no model loading, tokenisation, or the one-off ProCon/ML-LR preparation) over the
 steps; on a shared CPU the process CPU time of the same loop is recorded too (`cpu_*`), since it
 is far less sensitive to other load. Peak memory: peak RSS of the process during each run
 (Linux: VmHWM, reset before every run via /proc/self/clear_refs), or CUDA max allocated; also its
 growth over the memory in use when the run started (`peak_growth_*`, the run's own footprint).
-Writes benchmarks/results/bench_train.json.
+Writes benchmarks/results/bench_train.json (`_gpu` off the CPU, `_<shape>` with --model-config).
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_train.py [--rounds 5] [--steps 4] [--batch 4]
+GPU: .venv/bin/python benchmarks/bench_train.py --device cuda --model-config llama3-8b --rounds 2
+(a random-init model of that shape, saved once to a temporary folder and loaded by every run like a
+real checkpoint; bf16 mixed precision on the GPU).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved, write_result
+from _common import add_model_args, bench_model, interleaved, result_name, write_result
 
 from latentguard.directions.modules import ModuleScoreConfig, module_data_from_splits, score_modules
 from latentguard.eval.datasets import shared_data_dir
@@ -44,8 +47,7 @@ from latentguard.models import load_model
 from latentguard.training import METHODS, train
 from latentguard.training import trainer as _trainer
 
-SETTINGS = {"learning_rate": 2e-4, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,
-            "activation_checkpointing": False, "disable_tqdm": True, "logging_steps": 1, "optim": "adamw_torch",
+SETTINGS = {"learning_rate": 2e-4, "save_strategy": "no", "report_to": "none", "activation_checkpointing": False, "disable_tqdm": True, "logging_steps": 1, "optim": "adamw_torch",
             "seed": 42}
 GOAL = "latentguard_over_bare_steps_per_s >= 0.95; procon_step_over_sft_step <= 1.10; mllr_step_over_sft_step <= 1.02"
 
@@ -94,9 +96,21 @@ def _peak_mb() -> float | None:
     return _status_mb("VmHWM")
 
 
-def _mllr_scores(work: Path) -> Path:
-    """Module scores of the embedded model, once (small settings: this benchmark times steps, not scoring)."""
-    loaded = load_model("embedded")
+def _model_spec(args: argparse.Namespace, work: Path) -> str:
+    """--model, or the --model-config random-init model saved once (every run then loads it like a checkpoint)."""
+    if not args.model_config:
+        return str(args.model)
+    loaded = bench_model(args)
+    loaded.model.save_pretrained(work / "model")
+    loaded.tokenizer.save_pretrained(work / "model")
+    del loaded
+    gc.collect()
+    return str(work / "model")
+
+
+def _mllr_scores(work: Path, spec: str) -> Path:
+    """Module scores of the model, once (small settings: this benchmark times steps, not scoring)."""
+    loaded = load_model(spec)
     data = module_data_from_splits(shared_data_dir() / "refusal_direction_splits", n_fit=16, n_val=4)
     t0 = time.perf_counter()
     art = score_modules(loaded, data, ModuleScoreConfig(seeds=1, max_evals=4, min_probe_acc=0.0))
@@ -111,16 +125,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=128)
+    add_model_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    spec = _model_spec(args, work)
+    on_cpu = str(args.device) == "cpu"
     rows = [json.loads(x) for x in (shared_data_dir() / "gsm8k/train.jsonl").read_text().splitlines()[: args.steps * args.batch]]
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n" for r in rows))
-    common = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "max_length": args.max_len, **SETTINGS}
-    lg = {"overwrite": True, "model": "embedded", "data": [str(data)], "lora": "r=8,alpha=16,targets=q,k,v,o",
+    common = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "max_length": args.max_len, **SETTINGS,
+              "use_cpu": on_cpu, "bf16": not on_cpu}
+    lg = {"overwrite": True, "model": spec, "data": [str(data)], "lora": "r=8,alpha=16,targets=q,k,v,o",
           "plot": False, "data_dir": str(shared_data_dir()), **common}
-    scores = _mllr_scores(work)
+    scores = _mllr_scores(work, spec)
     runtimes: dict[str, float] = {}
     loop_cpu: dict[str, float] = {}
 
@@ -132,7 +150,7 @@ def main() -> None:
         return run
 
     def bare(key: str) -> None:
-        loaded = load_model("embedded")
+        loaded = load_model(spec)
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
                                  "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
         trainer = SFTTrainer(model=loaded.model.train(), args=SFTConfig(output_dir=str(work / key), **common),
@@ -171,7 +189,10 @@ def main() -> None:
 
     interleaved({k: timed(k) for k in fns}, args.rounds, warmup=0)
     result = _result(args, record, cpu, loop, (peak, growth), scores, len(rows))
-    path = write_result("bench_train", result)
+    result["settings"] |= {"model": f"random-{args.model_config}" if args.model_config else spec,
+                           "model_config": args.model_config, "device": str(args.device),
+                           "precision": "float32" if on_cpu else "float32 weights, bf16 autocast"}
+    path = write_result(result_name("bench_train", args), result)
     for k in ("latentguard_over_bare_steps_per_s", "control_bare_over_bare", "procon_step_over_sft_step",
               "cpu_procon_step_over_sft_step", "mllr_step_over_sft_step", "cpu_mllr_step_over_sft_step"):
         print(f"{k}={result[k]:.3f}")

@@ -77,3 +77,15 @@ def test_collect_mode_reads_records_and_marks_the_rest(tmp_path: Path) -> None:
     assert rows["eval harness ÷ raw generate"]["status"] == "no record"
     assert summary["scripts"]["bench_attack"]["status"].startswith(("missing", "no record"))
     assert "| capture ÷ plain forward" in summary["table_markdown"]
+
+
+def test_the_gpu_command_runs_every_benchmark_the_gpu_path_names() -> None:
+    """`run_all.py --device cuda --model-config llama3-8b` (issue 12's GPU path): steered ÷ plain, ProCon ÷ SFT,
+    capture ÷ forward and the eval harness must each get the device and shape, not be skipped."""
+    import argparse
+
+    ra = _run_all()
+    args = argparse.Namespace(quick=True, device="cuda", model_config="llama3-8b")
+    for name in ("steer", "train", "taps", "eval"):
+        extra = ra._script_args(name, (ROOT / "benchmarks" / f"bench_{name}.py").read_text(), args)
+        assert extra is not None and extra[-4:] == ["--device", "cuda", "--model-config", "llama3-8b"], name
