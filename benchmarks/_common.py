@@ -115,6 +115,23 @@ def bench_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.float32 if str(args.device) == "cpu" else torch.bfloat16
 
 
+def bench_tokenizer() -> Any:
+    """The embedded model's tokenizer, or the saved copy in $LATENTGUARD_BENCH_TOKENIZER (a GPU machine
+    without the embedded model's package: benchmarks/gpu/kit.sh saves one)."""
+    path = os.environ.get("LATENTGUARD_BENCH_TOKENIZER")
+    if not path:
+        from latentguard.models import load_model
+
+        return load_model("embedded").tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"  # as load_model prepares it
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def bench_model(args: argparse.Namespace, seed: int = 0) -> Any:
     """A LoadedModel: `load_model(args.model)`, or a seeded random-init `--model-config` model.
 
@@ -128,7 +145,7 @@ def bench_model(args: argparse.Namespace, seed: int = 0) -> Any:
     dtype = bench_dtype(args)
     if not getattr(args, "model_config", None):
         return load_model(args.model, dtype=dtype, device=args.device)
-    tok = load_model("embedded").tokenizer
+    tok = bench_tokenizer()
     cfg = LlamaConfig(**MODEL_CONFIGS[args.model_config], bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import datetime as dt
 import fnmatch
 import json
@@ -70,14 +71,18 @@ class Goal:
     unit: str = ""
     each: bool = False  # one row per key the `re:` pattern matches
     note: str | None = None  # the goal column's text for an 'info' row (default: the peer-ratio reading)
+    gpu_goal: float | None = None  # the threshold on a GPU run, where the issue sets a stricter one
+
+    def on(self, gpu: bool) -> Goal:
+        return dataclasses.replace(self, goal=self.gpu_goal) if gpu and self.gpu_goal is not None else self
 
 
 GOALS = (
     Goal("capture ÷ plain forward (all-layer last-token capture)", "taps", "capture_over_plain", "<=", 1.15,
          control="control_plain_over_plain"),
-    Goal("steered ÷ plain generate: `add` hook", "steer", "steered_add_over_plain", ">=", 0.97,
+    Goal("steered ÷ plain generate: `add` hook", "steer", "steered_add_over_plain", ">=", 0.97, gpu_goal=0.98,
          cpu="cpu_time.steered_add_over_plain", control="plain_control_over_plain", cpu_control="cpu_time.plain_control_over_plain"),
-    Goal("steered ÷ plain generate: `ablate` hooks", "steer", "steered_ablate_over_plain", ">=", 0.97,
+    Goal("steered ÷ plain generate: `ablate` hooks", "steer", "steered_ablate_over_plain", ">=", 0.97, gpu_goal=0.98,
          cpu="cpu_time.steered_ablate_over_plain", control="plain_control_over_plain", cpu_control="cpu_time.plain_control_over_plain"),
     Goal("exported ÷ plain generate: `add` baked", "steer", "exported_add_over_plain", "~1",
          cpu="cpu_time.exported_add_over_plain", control="plain_control_over_plain", cpu_control="cpu_time.plain_control_over_plain"),
@@ -363,7 +368,7 @@ def main() -> None:
     rows = []
     for g in GOALS:
         s = scripts.get(f"bench_{g.script}", {"status": "missing"})
-        rows += _rows(g, s.get("record"), s["status"], use_cpu=not gpu)
+        rows += _rows(g.on(gpu), s.get("record"), s["status"], use_cpu=not gpu)
     named = {g.script for g in GOALS}
     known_keys = {g.key for g in GOALS}
     for n in names:

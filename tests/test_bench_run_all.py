@@ -89,3 +89,12 @@ def test_the_gpu_command_runs_every_benchmark_the_gpu_path_names() -> None:
     for name in ("steer", "train", "taps", "eval"):
         extra = ra._script_args(name, (ROOT / "benchmarks" / f"bench_{name}.py").read_text(), args)
         assert extra is not None and extra[-4:] == ["--device", "cuda", "--model-config", "llama3-8b"], name
+
+
+def test_a_gpu_run_judges_steering_on_the_issues_stricter_goal() -> None:
+    ra = _run_all()
+    g = _goal(ra, "steered ÷ plain generate: `add`")
+    rec = {"steered_add_over_plain": 0.975, "plain_control_over_plain": 1.0}
+    assert ra._rows(g.on(False), rec, "ok", use_cpu=False)[0]["status"] == "ok"  # CPU goal >= 0.97
+    gpu_row = ra._rows(g.on(True), rec, "ok", use_cpu=False)[0]
+    assert gpu_row["status"] == "MISSED" and "0.98" in gpu_row["goal"]  # GPU path: >= 0.98 at batch 32
