@@ -21,15 +21,16 @@ recipe order. When a stage fails, no new stage starts; running ones finish, then
 naming the failed stage.
 
 A finished stage is reused only while what it was built from is unchanged (make's rule, by model
-fingerprint instead of file time) and its command is the one it ran (ninja's rule; OUT/stamps.json keeps
-each stage's command, without the interpreter). A row is stale when its model's fingerprint differs from the one its
-eval run recorded, or a defence artefact it used now belongs to another model; a step is stale when a
-model in its `inputs:` (default: a `run:` step's `--model`) changed since it finished (OUT/stamps.json; for a
-step finished before it kept stamps, the model named in the meta.json it `creates`, if it is an artefact);
-either is stale when a step it needs is stale or runs again. Stale stages stop the run with one line
-naming them; `--rerun-stale` moves their outputs (rows: OUT/eval/ROW; steps: `outputs:`, default the
-step's `--out`) to OUT/stale/TIME/ and runs them again. Fingerprints are cached by file size and mtime
-in OUT/fingerprints.json, so a check loads each model once.
+fingerprint instead of file time) and its command is the one it ran (ninja's rule; OUT/stamps.json
+keeps each stage's command, without the interpreter). A row is stale when its model's fingerprint
+differs from the one its eval run recorded, or a defence artefact it used now belongs to another
+model; a step is stale when a model in its `inputs:` (default: a `run:` step's `--model`) changed
+since it finished (OUT/stamps.json; for a step finished before it kept stamps, the model named in
+the meta.json it `creates`, if it is an artefact); either is stale when a step it needs is stale or
+runs again. Stale stages stop the run with one line naming them; `--rerun-stale` moves their outputs
+(rows: OUT/eval/ROW; steps: `outputs:`, default the step's `--out`) to OUT/stale/TIME/ and runs them
+again. Fingerprints are cached by file size and mtime in OUT/fingerprints.json, so a check loads
+each model once.
 
 Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall and CPU
 time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage),
