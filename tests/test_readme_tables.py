@@ -1,0 +1,38 @@
+"""The README's result tables are the files the commands wrote (issue 12): the reproduction table is
+results/embedded/results.md's, the benchmark table is `run_all.py --collect --markdown` over the
+committed records. Rerun a command and these fail until the README quotes its new output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tables(text: str) -> list[list[str]]:
+    """Every Markdown table in `text`: its runs of lines starting with '|'."""
+    tables: list[list[str]] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line.rstrip())
+        elif current:
+            tables.append(current)
+            current = []
+    return tables + ([current] if current else [])
+
+
+def test_the_reproduction_table_is_results_md() -> None:
+    written = _tables((ROOT / "results/embedded/results.md").read_text())[0]  # the main table; attack matrices follow
+    assert len(written) > 10
+    assert written in _tables((ROOT / "README.md").read_text())
+
+
+def test_the_benchmark_table_is_what_run_all_collects(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "benchmarks/run_all.py", "--collect", "--markdown", "--out", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    collected = _tables(out)[0]
+    assert len(collected) > 20
+    assert collected in _tables((ROOT / "README.md").read_text())
