@@ -255,8 +255,9 @@ def test_a_changed_model_makes_its_finished_stages_stale(tmp_path, tiny_tokenize
     recipe.write_text(STALE_RECIPE.format(out=out, model=model, script=script))
     assert main(["reproduce", "--config", str(recipe)]) == 0
     assert json.loads((out / "stamps.json").read_text())["derived"]["inputs"] == {str(model): fp0}
+    capsys.readouterr()
     assert main(["reproduce", "--config", str(recipe)]) == 0  # unchanged: everything reused
-    assert "runs" not in capsys.readouterr().err.replace("stale", "")
+    assert "running" not in capsys.readouterr().err
     results = (out / "results.json").read_bytes()
 
     fp1 = save(1)  # e.g. `make refs` rebuilt the model
@@ -299,16 +300,65 @@ def test_a_changed_model_makes_its_finished_stages_stale(tmp_path, tiny_tokenize
     assert f"step derived (needs -) [stale: built from {model} {fp0}, which is now {fp1}]" in capsys.readouterr().out
 
 
-def test_a_stale_row_that_used_an_artefact_of_another_model(tmp_path):
+def test_the_artefacts_a_row_applied_are_found_in_defences_and_attacks(tmp_path):
     from latentguard.cli.reproduce import _artefact_model, _artefacts_used
 
-    art = tmp_path / "dir"
+    art, mogu = tmp_path / "dir", tmp_path / "mogu-run"
     art.mkdir()
+    (art / "tensors.safetensors").write_bytes(b"")
     (art / "meta.json").write_text(json.dumps({"model": {"fingerprint": "bbb"}}))
+    (mogu / "mogu").mkdir(parents=True)  # a MoGU run folder: the router artefact sits in mogu/, as load_mogu reads it
+    (mogu / "meta.json").write_text(json.dumps({"model": {"fingerprint": "run"}}))
+    (mogu / "mogu" / "meta.json").write_text(json.dumps({"model": {"fingerprint": "router"}}))
     summary = {"run": {"defenses": [{"defense": "add", "artefact": str(art), "artefact_fingerprint": "aaa"}]},
-               "matrix": {"defenses": [{"describe": [{"artefact": "gone", "artefact_fingerprint": "ccc"}]}]}}
-    assert _artefacts_used(summary) == {(str(art), "aaa"), ("gone", "ccc")}
+               "matrix": {"defenses": [{"describe": [{"artefact": "gone", "artefact_fingerprint": "ccc"}]}],
+                          "attacks": [{"attack": "ablate", "artefact": "d2", "artefact_fingerprint": "ddd"},
+                                      {"attack": "harmful-ft", "artefact": "refs/ft", "finetune_fingerprint": "eee"},
+                                      {"attack": "radial", "artefact": "r"}]}}
+    assert _artefacts_used(summary) == {("artefact", str(art), "aaa"), ("artefact", "gone", "ccc"),
+                                        ("artefact", "d2", "ddd"), ("model", "refs/ft", "eee")}
     assert _artefact_model(str(art)) == "bbb" and _artefact_model("gone") is None
+    assert _artefact_model(str(mogu)) == "router"
+
+
+def test_a_step_rebuilt_by_a_run_that_left_a_row_out_makes_that_row_stale(tmp_path):
+    """--only r2 reran step s; r1 (finished earlier on s's previous run) must not pass as fresh later."""
+    from latentguard.cli.reproduce import _Fingerprints, find_stale, plan
+
+    out = tmp_path / "o"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nout: {out}\nsteps: [{{name: s, run: list, creates: {tmp_path}/s.done}}]\n"
+                      "rows: [{name: r1, model: no/such/model, needs: [s]}, {name: r2, model: no/such/model, needs: [s]}]\n")
+    (tmp_path / "s.done").write_text("")
+    for row in ("r1", "r2"):
+        (out / "eval" / row).mkdir(parents=True)
+        (out / "eval" / row / "summary.json").write_text(json.dumps({"run": {"model": {"fingerprint": "f"}}}))
+    (out / "stamps.json").write_text(json.dumps({"s": {"finished_utc": "T2"}, "r1": {"needs": {"s": "T1"}},
+                                                "r2": {"needs": {"s": "T2"}}}))
+    rec = load_recipe(recipe)
+    steps, rows, done = plan(rec)
+    stale = find_stale(rec, steps, rows, done, _Fingerprints(out, write=False))
+    assert stale == {"r1": "needs step s, which ran again at T2 (this stage used the run of T1)"}  # model unknown: not stale
+
+
+def test_rerun_stale_refuses_an_output_that_holds_the_whole_run(tmp_path, monkeypatch):
+    from latentguard.cli.reproduce import _move_stale
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nout: {tmp_path}/o\nsteps: [{{name: s, run: list, outputs: [.]}}]\nrows: [{{name: a, model: m}}]\n")
+    rec = load_recipe(recipe)
+    (tmp_path / "o/eval/a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds the whole run"):
+        _move_stale(rec, rec.steps, {"s": "x", "a": "y"}, print)
+    assert (tmp_path / "o/eval/a").is_dir()  # nothing moved
+    rec.steps[0]["outputs"] = ["o/art", "o/art/inner"]  # nested: the outer folder moves, once
+    (tmp_path / "o/art/inner").mkdir(parents=True)
+    _move_stale(rec, rec.steps, {"s": "x", "a": "y"}, print)
+    _move_stale(rec, rec.steps, {"a": "y"}, print)  # the same second: its own folder
+    moved = sorted(p.name for p in (tmp_path / "o/stale").iterdir() if p.is_dir())
+    assert len(moved) == 2 and (tmp_path / "o/stale" / moved[0] / "art/inner").is_dir()
+    assert (tmp_path / "o/stale" / moved[0] / "eval/a").is_dir() and not (tmp_path / "o/art").exists()
 
 
 def test_stale_steps_need_outputs_to_move_and_inputs_are_lists(tmp_path):

@@ -21,16 +21,19 @@ recipe order. When a stage fails, no new stage starts; running ones finish, then
 naming the failed stage.
 
 A finished stage is reused only while what it was built from is unchanged (make's rule, by model
-fingerprint instead of file time) and its command is the one it ran (ninja's rule; OUT/stamps.json
-keeps each stage's command, without the interpreter). A row is stale when its model's fingerprint
-differs from the one its eval run recorded, or a defence artefact it used now belongs to another
-model; a step is stale when a model in its `inputs:` (default: a `run:` step's `--model`) changed
-since it finished (OUT/stamps.json; for a step finished before it kept stamps, the model named in
-the meta.json it `creates`, if it is an artefact); either is stale when a step it needs is stale or
-runs again. Stale stages stop the run with one line naming them; `--rerun-stale` moves their outputs
-(rows: OUT/eval/ROW; steps: `outputs:`, default the step's `--out`) to OUT/stale/TIME/ and runs them
-again. Fingerprints are cached by file size and mtime in OUT/fingerprints.json, so a check loads
-each model once.
+fingerprint instead of file time) and its command is the one it ran (ninja's rule). OUT/stamps.json
+records, per finished stage, its command (interpreter dropped, the output folder as {out}), when it
+finished, which run of each needed step it used, and for a step the fingerprints of its `inputs:`
+(default: a `run:` step's `--model`). A row is stale when its model's fingerprint differs from the
+one its eval run recorded, or an artefact it applied (defence or attack) now belongs to another
+model; a step is stale when an input's fingerprint changed (a step finished before stamps existed:
+the model its artefact meta.json names); either is stale when a step it needs is stale, runs again,
+or ran again since (also in a run that left this stage out, e.g. with --only). Steps without
+`creates:` run every time and are not tracked; a fingerprint that cannot be told (the model is gone
+or does not load) never makes a stage stale. Stale stages stop the run with one line naming them;
+`--rerun-stale` moves their outputs (rows: OUT/eval/ROW; steps: `outputs:`, default the step's
+`--out`) to OUT/stale/TIME/ and runs them again. Fingerprints are cached by file size and mtime in
+OUT/fingerprints.json (not written by --dry-run), so a check loads each model once.
 
 Writes OUT/results.json (per-row harmful rate per set, over-refusal, GSM8K answer NLL, wall and CPU
 time, run directories), OUT/timings.json and OUT/cpu_timings.json (seconds per stage),
@@ -411,35 +414,47 @@ _MODEL_FILES = (".safetensors", ".bin", ".gguf", ".json")
 
 
 class _Fingerprints:
-    """Current fingerprints of model specs, cached in OUT/fingerprints.json by the size and mtime of their files."""
+    """Current fingerprints of model specs, cached in OUT/fingerprints.json by the size and mtime of their files.
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / "fingerprints.json"
+    `get` returns None when it cannot tell (no such local model, a hub id, a model that fails to load):
+    an unknown fingerprint never makes a stage stale.
+    """
+
+    def __init__(self, out: Path, write: bool = True) -> None:
+        self.path, self.write = out / "fingerprints.json", write
         self.cache: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.failed: dict[str, str] = {}
 
     @staticmethod
     def _key(spec: str) -> list[Any] | None:
         from latentguard.models.loading import EMBEDDED, embedded_gguf
 
-        path = embedded_gguf() if spec == EMBEDDED else Path(spec)
+        path = embedded_gguf() if spec == EMBEDDED else Path(spec).expanduser()
         files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.suffix in _MODEL_FILES) if path.is_dir() else []
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
 
     def get(self, spec: str) -> str | None:
-        """The model's fingerprint now; None when it does not exist."""
+        """The model's fingerprint now; None when it cannot be told (see the class)."""
         key = self._key(spec)
         if key is None:
             return None
         hit = self.cache.get(spec)
         if hit and hit["key"] == key:
             return str(hit["fingerprint"])
+        from latentguard.errors import LatentGuardError
         from latentguard.models import load_model
 
-        loaded = load_model(spec)
+        try:
+            loaded = load_model(spec)
+        except (LatentGuardError, OSError, ValueError) as e:  # e.g. a run folder without config.json
+            self.failed[spec] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return None
         fp = loaded.info.fingerprint
         del loaded
         self.cache[spec] = {"key": key, "fingerprint": fp}
-        write_json(self.path, self.cache)
+        if self.write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, self.cache)
         return fp
 
 
@@ -469,50 +484,67 @@ def _flag_value(step: dict[str, Any], flag: str) -> str | None:
     return None
 
 
-def _artefacts_used(summary: dict[str, Any]) -> set[tuple[str, str]]:
-    """(artefact path, fingerprint of the model it was built for) of every defence an eval run applied."""
-    found: set[tuple[str, str]] = set()
+def _artefacts_used(summary: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(kind, path, fingerprint) of every artefact an eval run applied, defences and attacks alike:
+    kind "artefact" (fingerprint of the model it was built for) or "model" (a fine-tune's own fingerprint)."""
+    found: set[tuple[str, str, str]] = set()
 
     def walk(x: Any) -> None:
         if isinstance(x, dict):
-            if "artefact" in x and "artefact_fingerprint" in x:
-                found.add((str(x["artefact"]), str(x["artefact_fingerprint"])))
+            if x.get("artefact") and x.get("artefact_fingerprint"):
+                found.add(("artefact", str(x["artefact"]), str(x["artefact_fingerprint"])))
+            if x.get("artefact") and x.get("finetune_fingerprint"):
+                found.add(("model", str(x["artefact"]), str(x["finetune_fingerprint"])))
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
             for v in x:
                 walk(v)
 
-    walk([summary["run"].get("defenses"), summary.get("matrix", {}).get("defenses")])
+    walk([summary.get("run"), summary.get("matrix")])
     return found
 
 
 def _artefact_model(path: str) -> str | None:
-    meta = Path(path) / "meta.json"
+    """Fingerprint of the model the artefact at `path` was built for (its meta.json; a MoGU run folder
+    keeps the router artefact in mogu/, as `load_mogu` reads it), or None."""
+    folder = Path(path).expanduser()
+    meta = folder / "meta.json"
+    if not (folder / "tensors.safetensors").is_file() and (folder / "mogu" / "meta.json").is_file():
+        meta = folder / "mogu" / "meta.json"
     if not meta.is_file():
         return None
     model = json.loads(meta.read_text()).get("model")
-    return str(model["fingerprint"]) if isinstance(model, dict) and "fingerprint" in model else None
+    return str(model["fingerprint"]) if isinstance(model, dict) and model.get("fingerprint") else None
 
 
 def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str, Any]], done: set[str],
                fingerprints: _Fingerprints) -> dict[str, str]:
-    """Finished steps and rows whose inputs changed since they ran: {name: why}. `done`: the finished ones."""
+    """Finished steps and rows whose inputs changed since they ran: {name: why}. `done`: the finished ones.
+
+    Unknown fingerprints (a model that is gone or does not load) never make a stage stale.
+    """
     needs, stale = stage_needs(recipe), {}
     stamps = _read_stamps(recipe.out)
     rerun = {s["name"] for s in steps if s["name"] not in done and s.get("creates")}  # will run (again)
 
     def need_changed(name: str) -> str | None:
-        n = next((n for n in needs[name] if n in rerun or n in stale), None)
-        return None if n is None else f"needs step {n}, which {'is stale' if n in stale else 'runs again'}"
+        for n in needs[name]:
+            if n in rerun or n in stale:
+                return f"needs step {n}, which {'is stale' if n in stale else 'runs again'}"
+            was = stamps.get(name, {}).get("needs", {}).get(n)
+            now = stamps.get(n, {}).get("finished_utc")
+            if was and now and was != now:  # rebuilt since (also by a run that did not include this stage)
+                return f"needs step {n}, which ran again at {now} (this stage used the run of {was})"
+        return None
+
+    def command_changed(name: str, argv: list[str]) -> str | None:
+        was, now = stamps.get(name, {}).get("command"), _command(argv, recipe.out)
+        return None if was is None or was == now else f"its command changed: was `{was}`, now `{now}`"
 
     def changed(spec: str, fp: str, what: str) -> str | None:
         now = fingerprints.get(spec)
-        return None if now == fp else f"{what} {spec} {fp}, which is {'missing' if now is None else 'now ' + now}"
-
-    def command_changed(name: str, argv: list[str]) -> str | None:
-        was, now = stamps.get(name, {}).get("command"), _command(argv)
-        return None if was is None or was == now else f"its command changed: was `{was}`, now `{now}`"
+        return None if now is None or now == fp else f"{what} {spec} {fp}, which is now {now}"
 
     for step in (s for s in steps if s["name"] in done):
         name = step["name"]
@@ -521,8 +553,9 @@ def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str,
         if recorded is None and len(step_inputs(step)) == 1:  # finished before stamps: an artefact's meta names its model
             fp = _artefact_model(str(Path(step["creates"]).parent))
             recorded = {step_inputs(step)[0]: fp} if fp else {}
-        for spec, fp in ({} if why else recorded or {}).items():
-            why = why or changed(spec, fp, "built from")
+        for spec in step_inputs(step):  # the recipe's inputs now; one added since has no record to compare
+            if not why and (recorded or {}).get(spec):
+                why = changed(spec, recorded[spec], "built from")
         if why:
             stale[name] = why
     for row in (r for r in rows if r["name"] in done):
@@ -530,11 +563,17 @@ def find_stale(recipe: Recipe, steps: list[dict[str, Any]], rows: list[dict[str,
         why = need_changed(name) or command_changed(name, _row_argv(recipe, row, recipe.out / "eval" / name, dry_run=True))
         if not why:
             summary = json.loads((recipe.out / "eval" / name / "summary.json").read_text())
-            why = changed(resolve_refs(str(row["model"])), str(summary["run"]["model"]["fingerprint"]), "evaluated on")
-            for art, fp in sorted(_artefacts_used(summary)):
+            why = changed(resolve_refs(str(row["model"]), dry_run=True), str(summary["run"]["model"]["fingerprint"]),
+                          "evaluated on")
+            for kind, art, fp in sorted(_artefacts_used(summary)):
+                if why:
+                    break
+                if kind == "model":
+                    why = changed(art, fp, "attacked with the fine-tune")
+                    continue
                 now = _artefact_model(art)
-                if not why and now != fp:
-                    why = f"used artefact {art} built for {fp}, which is {'missing' if now is None else 'now for ' + now}"
+                if now is not None and now != fp:
+                    why = f"used artefact {art} built for {fp}, which is now built for {now}"
         if why:
             stale[name] = why
     return stale
@@ -545,40 +584,60 @@ def _read_stamps(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _command(argv: list[str]) -> str:
-    """A stage's command without the interpreter (which differs between checkouts): what a stamp compares."""
-    return shlex.join(argv[len(_LATENTGUARD):] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv[1:])
+def _command(argv: list[str], out: Path) -> str:
+    """A stage's command as a stamp compares it: without the interpreter (it differs between checkouts)
+    and with the output folder as `{out}` (the same folder given relative or absolute)."""
+    cmd = shlex.join(argv[len(_LATENTGUARD):] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv[1:])
+    for form in {str(out.resolve()), str(out)}:
+        cmd = cmd.replace(form, "{out}")
+    return cmd
 
 
-def _stamp(out: Path, st: _Stage, step: dict[str, Any] | None, fingerprints: _Fingerprints) -> None:
-    """Record a finished stage's command and, for a step, its inputs' fingerprints (OUT/stamps.json)."""
+def _stamp(out: Path, st: _Stage, step: dict[str, Any] | None, fingerprints: _Fingerprints, echo: Any,
+           tracked: set[str]) -> None:
+    """Record a finished stage: its command, the runs of the steps it needs (those with `creates:`; one
+    without runs every time and is not tracked), a step's inputs' fingerprints."""
     stamps = _read_stamps(out)
-    stamps[st.name] = {"command": _command(st.argv),
-                       "inputs": {spec: fingerprints.get(spec) for spec in step_inputs(step)} if step else {},
-                       "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    inputs = {spec: fingerprints.get(spec) for spec in step_inputs(step)} if step else {}
+    for spec in [s for s, fp in inputs.items() if fp is None and s in fingerprints.failed]:
+        echo(f"[reproduce] {st.name}: could not fingerprint input {spec} ({fingerprints.failed[spec]}); not checked on reruns")
+    stamps[st.name] = {"command": _command(st.argv, out), "inputs": inputs,
+                       "needs": {n: stamps[n]["finished_utc"] for n in st.needs if n in stamps and n in tracked},
+                       "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")}
     write_json(out / "stamps.json", stamps)
 
 
 def _move_stale(recipe: Recipe, steps: list[dict[str, Any]], stale: dict[str, str], echo: Any) -> None:
-    """Move the outputs of stale stages to OUT/stale/TIME/ (checked first: nothing moves if one can't be)."""
-    by_name = {s["name"]: s for s in steps}
-    moves = []
+    """Move the outputs of stale stages to OUT/stale/TIME/ (all checked first: nothing moves if one can't be)."""
+    by_name, cwd, out = {s["name"]: s for s in steps}, Path.cwd().resolve(), recipe.out.resolve()
+    moves: list[Path] = []
     for name in stale:
         if name in by_name:
             outs = step_outputs(by_name[name])
             if not outs:
                 raise ConfigError(f"Step {name!r} is stale but the recipe names no outputs for it; "
                                   "add `outputs: [PATH]` to the step (or delete what it wrote) and rerun.")
-            moves += [Path(o) for o in outs if Path(o).exists()]
+            for o in outs:
+                full = Path(o).expanduser().resolve()
+                if full in (cwd, out) or full in cwd.parents or full in out.parents:
+                    raise ConfigError(f"Step {name!r} names {o} as an output, which holds the whole run; "
+                                      "name the step's own folder in `outputs:`.")
+                moves.append(full)
         else:
-            moves.append(recipe.out / "eval" / name)
-    dest = recipe.out / "stale" / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
-    (recipe.out / "stale" / ".gitignore").write_text("# outputs of stale stages, moved by --rerun-stale\n*\n")
+            moves.append((recipe.out / "eval" / name).resolve())
+    moves = sorted({m for m in moves if m.exists()})
+    moves = [m for m in moves if not any(o != m and m.is_relative_to(o) for o in moves)]  # nested: the outer one moves
+    root = recipe.out / "stale"
+    dest = root / _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    for i in range(1, 1000):  # two reruns within a second get their own folders
+        if not dest.exists():
+            break
+        dest = dest.with_name(f"{dest.name.split('-')[0]}-{i}")
+    dest.mkdir(parents=True)
+    (root / ".gitignore").write_text("# outputs of stale stages, moved by --rerun-stale\n*\n")
     for src in moves:
-        full = src.resolve()
-        base = next((b for b in (recipe.out.resolve(), Path.cwd().resolve()) if full.is_relative_to(b)), Path(full.anchor))
-        target = dest / full.relative_to(base)
+        base = next((b for b in (out, cwd) if src.is_relative_to(b)), Path(src.anchor))
+        target = dest / src.relative_to(base)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(target))
         echo(f"[reproduce] moved {src} to {target}")
@@ -675,7 +734,7 @@ def run_recipe(recipe: Recipe, only: list[str] | None = None, echo: Any = print,
     done &= set(by_name)  # the scheduler's `done`: finished steps
 
     def finished(st: _Stage) -> None:
-        _stamp(out, st, by_name.get(st.name), fingerprints)
+        _stamp(out, st, by_name.get(st.name), fingerprints, echo, {n for n, s in by_name.items() if s.get("creates")})
 
     t0 = time.perf_counter()
     _schedule(stages, done, jobs, timings, echo, total, position, finished)
@@ -718,7 +777,7 @@ def command(config_path: str, quick: bool, out: str | None, only: str | None, jo
     if dry_run:
         all_needs = stage_needs(recipe)
         steps, rows, done = plan(recipe, [o for o in (only or "").split(",") if o] or None)
-        stale = find_stale(recipe, steps, rows, done, _Fingerprints(recipe.out)) if done else {}
+        stale = find_stale(recipe, steps, rows, done, _Fingerprints(recipe.out, write=False)) if done else {}
 
         def status(name: str) -> str:
             return f"stale: {stale[name]}" if name in stale else "done" if name in done else "runs"
