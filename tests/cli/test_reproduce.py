@@ -371,3 +371,19 @@ def test_stale_steps_need_outputs_to_move_and_inputs_are_lists(tmp_path):
     recipe = tmp_path / "r.yaml"
     _rejects(recipe, "name: x\nsteps: [{name: s, run: list, inputs: refs/aligned}]\nrows: [{name: a, model: embedded}]\n", "`inputs` must be a list of paths")
     _rejects(recipe, "name: x\nrows: [{name: a, model: embedded, inputs: [m]}]\n", "row 'a' takes no `inputs`")
+
+
+def test_the_fingerprint_cache_key_of_an_adapter_covers_its_base(tmp_path):
+    from latentguard.cli.reproduce import _Fingerprints
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"x")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"y")
+    before = _Fingerprints._key(str(adapter))
+    (base / "model.safetensors").write_bytes(b"rebuilt base")
+    assert before and _Fingerprints._key(str(adapter)) != before  # a rebuilt base invalidates the cached fingerprint
+    assert _Fingerprints._key(str(tmp_path / "nothing")) is None

@@ -431,7 +431,13 @@ class _Fingerprints:
 
         path = embedded_gguf() if spec == EMBEDDED else Path(spec).expanduser()
         files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.suffix in _MODEL_FILES) if path.is_dir() else []
-        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files] or None
+        key: list[Any] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        adapter = path / "adapter_config.json"
+        if key and adapter.is_file() and not (path / "config.json").is_file():  # a LoRA adapter: its base counts too
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
+            if base and base != spec:
+                key.append(["base", base, _Fingerprints._key(base)])
+        return key or None
 
     def get(self, spec: str) -> str | None:
         """The model's fingerprint now; None when it cannot be told (see the class)."""
