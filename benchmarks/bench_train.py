@@ -17,7 +17,7 @@ Writes benchmarks/results/bench_train.json (`_gpu` off the CPU, `_<shape>` with 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_train.py [--rounds 5] [--steps 4] [--batch 4]
 GPU: .venv/bin/python benchmarks/bench_train.py --device cuda --model-config llama3-8b --rounds 2
 (a random-init model of that shape, saved once to a temporary folder and loaded by every run like a
-real checkpoint; bf16 mixed precision on the GPU).
+real checkpoint; on a GPU the base loads in bf16 (--model-dtype bfloat16) and trains with bf16 autocast).
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def _model_spec(args: argparse.Namespace, work: Path) -> str:
     return str(work / "model")
 
 
-def _mllr_scores(work: Path, spec: str) -> Path:
+def _mllr_scores(work: Path, spec: str, dtype: str) -> Path:
     """Module scores of the model, once (small settings: this benchmark times steps, not scoring)."""
-    loaded = load_model(spec)
+    loaded = load_model(spec, dtype=dtype)
     data = module_data_from_splits(shared_data_dir() / "refusal_direction_splits", n_fit=16, n_val=4)
     t0 = time.perf_counter()
     art = score_modules(loaded, data, ModuleScoreConfig(seeds=1, max_evals=4, min_probe_acc=0.0))
@@ -136,9 +136,10 @@ def main() -> None:
     data.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n" for r in rows))
     common = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "max_length": args.max_len, **SETTINGS,
               "use_cpu": on_cpu, "bf16": not on_cpu}
-    lg = {"overwrite": True, "model": spec, "data": [str(data)], "lora": "r=8,alpha=16,targets=q,k,v,o",
+    dtype = "float32" if on_cpu else "bfloat16"  # a GPU loads the base in bf16 (half the weights' memory and load time)
+    lg = {"overwrite": True, "model": spec, "model_dtype": dtype, "data": [str(data)], "lora": "r=8,alpha=16,targets=q,k,v,o",
           "plot": False, "data_dir": str(shared_data_dir()), **common}
-    scores = _mllr_scores(work, spec)
+    scores = _mllr_scores(work, spec, dtype)
     runtimes: dict[str, float] = {}
     loop_cpu: dict[str, float] = {}
 
@@ -150,7 +151,7 @@ def main() -> None:
         return run
 
     def bare(key: str) -> None:
-        loaded = load_model(spec)
+        loaded = load_model(spec, dtype=dtype)
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
                                  "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
         trainer = SFTTrainer(model=loaded.model.train(), args=SFTConfig(output_dir=str(work / key), **common),
@@ -191,7 +192,7 @@ def main() -> None:
     result = _result(args, record, cpu, loop, (peak, growth), scores, len(rows))
     result["settings"] |= {"model": f"random-{args.model_config}" if args.model_config else spec,
                            "model_config": args.model_config, "device": str(args.device),
-                           "precision": "float32" if on_cpu else "float32 weights, bf16 autocast"}
+                           "precision": "float32" if on_cpu else "bf16 base weights, float32 LoRA, bf16 autocast"}
     path = write_result(result_name("bench_train", args), result)
     for k in ("latentguard_over_bare_steps_per_s", "control_bare_over_bare", "procon_step_over_sft_step",
               "cpu_procon_step_over_sft_step", "mllr_step_over_sft_step", "cpu_mllr_step_over_sft_step"):

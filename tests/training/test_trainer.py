@@ -120,3 +120,25 @@ def test_lora_init_follows_the_config_seed_not_the_global_rng(tmp_path, tiny_dir
     a, b, c = lora_a("a", 1), lora_a("bb", 1), lora_a("ccc", 2)
     assert a and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_bfloat16_base_trains_float32_lora_and_merges_in_its_dtype(tmp_path, tiny_dir, pairs_file):
+    """--model-dtype bfloat16: half the base's weight memory; the adapter stays float32 and learns; merging
+    reloads the base in bfloat16, so the fingerprint check of the run's base passes."""
+    from latentguard.models import load_model
+    from latentguard.training.merge import merge_run
+
+    res = train(_cfg(tmp_path, tiny_dir, pairs_file, model_dtype="bfloat16", max_steps=2))
+    params = dict(res.trainer.model.named_parameters())
+    base_w = next(v for k, v in params.items() if k.endswith("q_proj.base_layer.weight"))
+    lora = {k: v for k, v in params.items() if "lora_" in k}
+    assert base_w.dtype == torch.bfloat16 and not base_w.requires_grad
+    assert lora and all(v.dtype == torch.float32 and v.requires_grad for v in lora.values())
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # the adapter learned (B starts at 0)
+    meta = json.loads((tmp_path / "run/meta.json").read_text())
+    assert meta["config"]["model_dtype"] == "bfloat16"
+    assert meta["model"]["fingerprint"] == load_model(str(tiny_dir), dtype="bfloat16").info.fingerprint
+    merged = load_model(str(merge_run(tmp_path / "run", tmp_path / "merged")))
+    assert merged.info.fingerprint != load_model(str(tiny_dir)).info.fingerprint
+    with pytest.raises(ConfigError, match="--model-dtype 'int8' is not one of float32, bfloat16, float16"):
+        _cfg(tmp_path, tiny_dir, pairs_file, model_dtype="int8", output_dir=str(tmp_path / "bad"))

@@ -60,6 +60,9 @@ def parse_lora(text: str) -> LoraSpec:
     return spec
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -69,6 +72,9 @@ class _RunFields:
     """latentguard's fields and CPU-friendly trl defaults shared by every training config."""
 
     model: str = field(default="embedded", metadata=_help("model spec: embedded, a directory, a .gguf file or a hub id"))
+    model_dtype: str = field(default="float32", metadata=_help(
+        "dtype the model is loaded in: float32, or bfloat16 / float16 to halve a GPU's weight memory "
+        "(LoRA weights stay float32; merging reloads the base in the same dtype)"))
     lora: str = field(default="r=8,alpha=16,targets=q,k,v,o", metadata=_help(
         "LoRA r, alpha, dropout and target modules; 'none' trains only the method's extra modules"))
     full: bool = field(default=False, metadata=_help("full fine-tuning instead of LoRA"))
@@ -94,6 +100,8 @@ class _RunFields:
             self.use_cpu = True
 
     def _check_after_trl(self, method: str) -> None:
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"--model-dtype {self.model_dtype!r} is not one of {', '.join(MODEL_DTYPES)}; pick one.")
         if self.full and self.lora != _RunFields.lora:
             raise ConfigError("--full and --lora exclude each other; drop one.")
         if not self.full and not self.lora_none:

@@ -33,7 +33,7 @@ def merge_run(
         raise ArtifactError(f"{run_dir} is a full fine-tune; load {run_dir / 'model'} directly, there is nothing to merge.")
     if not (adapter / "adapter_config.json").is_file():
         raise ArtifactError(f"{adapter} holds no finished adapter; let the run finish (or --resume it) first.")
-    loaded = load_model(meta["model_spec"])
+    loaded = load_model(meta["model_spec"], dtype=meta.get("config", {}).get("model_dtype", "float32"))  # as trained
     check_run_model(run_dir, meta, loaded.info)
     merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
     with staged_dir(out, overwrite=overwrite) as tmp:

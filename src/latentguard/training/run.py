@@ -191,7 +191,7 @@ def train(cfg: TrainConfig | PreferenceConfig) -> TrainResult:
     out = Path(str(cfg.output_dir))
     checkpoint = _prepare_out(cfg, out)
     sources = _load_sources(cfg)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, dtype=cfg.model_dtype)
     if checkpoint is not None:
         check_run_model(out, read_run_meta(out), loaded.info)
     method.setup(loaded)
@@ -224,7 +224,7 @@ def train_preference(cfg: PreferenceConfig, method: PreferenceMethod,
     out = Path(str(cfg.output_dir))
     checkpoint = _prepare_out(cfg, out)
     pairs = read_preference_pairs(str(cfg.pairs))
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, dtype=cfg.model_dtype)
     if checkpoint is not None:
         check_run_model(out, read_run_meta(out), loaded.info)
     method.setup(loaded)
