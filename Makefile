@@ -70,11 +70,12 @@ reproduce-procon: install
 	$(BIN)/python benchmarks/reproduce_procon.py --refs refs --out out/procon-ift
 
 # The one-command reproduction table (results/embedded: results.json, results.md, report.html).
-# Builds refs/ first if missing; resumable. `reproduce-quick` is the CI-scale smoke run of the same pipeline.
+# Builds refs/ first if missing; resumable; --rerun-stale redoes (and moves aside) what a changed model or
+# command made stale, so the table stays one consistent run. `reproduce-quick` is the CI-scale smoke run.
 .PHONY: reproduce reproduce-quick
 JOBS ?= 1
 reproduce: install
-	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --jobs $(JOBS)
+	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --jobs $(JOBS) --rerun-stale
 
 reproduce-quick: install
 	$(BIN)/latentguard reproduce --config configs/reproduce/embedded.yaml --quick
