@@ -83,3 +83,13 @@ def test_prompt_only_data_names_the_response_column_flag(tmp_path, tiny_dir, cap
 def test_merge_refuses_a_non_run(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "is not a training run" in capsys.readouterr().err
+
+
+def test_gpu_precision_flags_reach_the_run(tmp_path, tiny_dir, data_file):
+    """`--model-dtype bfloat16 --bf16`: a bf16 base and bf16 autocast (CPU AMP here), recorded in meta.json."""
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data_file), "--max-steps", "1", "--batch-size", "2",
+                 "--model-dtype", "bfloat16", "--bf16", "--out", str(out), "--no-plot"]) == 0
+    cfg = json.loads((out / "meta.json").read_text())["config"]
+    assert cfg["model_dtype"] == "bfloat16" and cfg["bf16"] is True
+    assert read_log(out / "log.jsonl")[-1]["step"] == 1

@@ -33,7 +33,7 @@ _ALIASES = {
     "out": "output_dir", "epochs": "num_train_epochs", "lr": "learning_rate",
     "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "max_len": "max_length", "seed": "seed", "max_steps": "max_steps", "save_steps": "save_steps",
-    "warmup_steps": "warmup_steps",
+    "warmup_steps": "warmup_steps", "bf16": "bf16",
 }
 
 
