@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,8 @@ def test_jobs_failure_stops_new_stages_and_names_the_failed_one(tmp_path, capsys
     recipe = _parallel_recipe(tmp_path, fail_b=True)
     assert main(["reproduce", "--config", str(recipe), "--jobs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "stamp.py" in err and "b.log" in err and "exit 1" in err
+    assert f"python {tmp_path / 'stamp.py'}" in err and "b.log" in err and "exit 1" in err
+    assert sys.executable not in err.split(" failed (exit")[0]  # the command as typed, not this checkout's interpreter
     out = tmp_path / "o"
     assert (out / "a.json").is_file()  # the stage running beside the failed one finished
     assert not (out / "eval" / "plain").exists() and not (out / "results.json").exists()  # b's dependant never started

@@ -218,9 +218,7 @@ class _Stage:
 
     def failure(self, rc: int) -> str:
         tail = self.log.read_text().strip().splitlines()[-1:] or [""]
-        argv = self.argv
-        shown = ["latentguard", *argv[len(_LATENTGUARD):]] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv
-        return f"{shlex.join(shown)} failed (exit {rc}): {tail[0][:300]} — see {self.log}; fix it and rerun, finished stages are kept."
+        return f"{shlex.join(_typed(self.argv))} failed (exit {rc}): {tail[0][:300]} — see {self.log}; fix it and rerun, finished stages are kept."
 
 
 @dataclass
@@ -590,10 +588,17 @@ def _read_stamps(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _typed(argv: list[str]) -> list[str]:
+    """A stage's argv as a person types it: `latentguard …` or `python script …`, not this interpreter's path."""
+    if argv[:len(_LATENTGUARD)] == _LATENTGUARD:
+        return ["latentguard", *argv[len(_LATENTGUARD):]]
+    return ["python", *argv[1:]]
+
+
 def _command(argv: list[str], out: Path) -> str:
     """A stage's command as a stamp compares it: without the interpreter (it differs between checkouts)
     and with the output folder as `{out}` (the same folder given relative or absolute)."""
-    cmd = shlex.join(argv[len(_LATENTGUARD):] if argv[:len(_LATENTGUARD)] == _LATENTGUARD else argv[1:])
+    cmd = shlex.join(_typed(argv)[1:])
     for form in {str(out.resolve()), str(out)}:
         cmd = cmd.replace(form, "{out}")
     return cmd
