@@ -332,8 +332,8 @@ def _markdown(args: argparse.Namespace, rows: dict[str, dict[str, Any]], sae_eva
 
 
 def _sweep_markdown(sweep: dict[str, Any]) -> str:
-    lines = ["", "Alpha sweep on validation prompts (harmful: refusal-direction harmful_val = HarmBench val, minus every test set; "
-             "over-refusal: borderline validation share):", "",
+    lines = ["", ("Alpha sweep on validation prompts (harmful: refusal-direction harmful_val = HarmBench val, minus every test set; "
+             "over-refusal: borderline validation share):"), "",
              "| model | alpha | val harmful rate | val over-refusal | sum |", "|---|---|---|---|---|"]
     for n, r in {**sweep["baselines"], **sweep["curve"]}.items():
         alpha = _fmt(r.get("alpha"), "g")

@@ -25,11 +25,11 @@ torch.set_num_threads(int(os.environ.get("LATENTGUARD_TEST_THREADS", "1")))
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
 
-_COMMON = dict(
-    vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    pad_token_id=258, eos_token_id=257, bos_token_id=256, tie_word_embeddings=False,
-)
+_COMMON = {
+    "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "pad_token_id": 258, "eos_token_id": 257, "bos_token_id": 256, "tie_word_embeddings": False,
+}
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),

@@ -20,8 +20,8 @@ def test_roundtrip_identical_tensors_and_stamp(tmp_path):
     t = {"direction": torch.randn(64), "grid": torch.randn(2, 3, 64, dtype=torch.float64)}
     Artifact("refusal_direction", t, {"layer": 1}).save(tmp_path / "a", model=info)
     art = Artifact.load(tmp_path / "a", expect="refusal_direction", model=info)
-    for k in t:
-        assert torch.equal(art.tensors[k], t[k]) and art.tensors[k].dtype == t[k].dtype
+    for k, want in t.items():
+        assert torch.equal(art.tensors[k], want) and art.tensors[k].dtype == want.dtype
     assert art.meta["layer"] == 1 and art.meta["model"]["fingerprint"] == info.fingerprint
     assert {"created_utc", "latentguard_version", "schema"} <= set(art.meta)
     assert not list((tmp_path / "a").glob("*.pt")) and not list((tmp_path / "a").glob("*.pkl"))

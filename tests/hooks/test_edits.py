@@ -77,14 +77,11 @@ def test_edits_remove_hooks_on_error(tiny_model):
 
 
 def test_edit_input_checks(tiny_llama):
-    with pytest.raises(ConfigError, match="alpha=nan is not finite"):
-        with add_vectors(tiny_llama, {"resid_pre.0": torch.ones(64)}, alpha=float("nan")):
-            pass
-    with pytest.raises(ConfigError, match="direction to project out is zero"):
-        with project_out(tiny_llama, torch.zeros(64)):
-            pass
+    with pytest.raises(ConfigError, match="alpha=nan is not finite"), add_vectors(tiny_llama, {"resid_pre.0": torch.ones(64)}, alpha=float("nan")):
+        pass
+    with pytest.raises(ConfigError, match="direction to project out is zero"), project_out(tiny_llama, torch.zeros(64)):
+        pass
     before = count_hooks(tiny_llama)
-    with pytest.raises(ConfigError, match="out of range"):
-        with add_vectors(tiny_llama, {"resid_pre.0": torch.ones(64), "resid_pre.9": torch.ones(64)}):
-            pass
+    with pytest.raises(ConfigError, match="out of range"), add_vectors(tiny_llama, {"resid_pre.0": torch.ones(64), "resid_pre.9": torch.ones(64)}):
+        pass
     assert count_hooks(tiny_llama) == before

@@ -82,21 +82,18 @@ def test_response_positions_select_only_response_tokens(tiny_llama, tiny_tokeniz
 
 def test_capture_removes_hooks_on_error(tiny_model):
     before = count_hooks(tiny_model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(tiny_model, ["resid_pre.0", "head_out.1", "mlp_out.1"]):
-            assert count_hooks(tiny_model) == before + 3
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), capture(tiny_model, ["resid_pre.0", "head_out.1", "mlp_out.1"]):
+        assert count_hooks(tiny_model) == before + 3
+        raise RuntimeError("boom")
     assert count_hooks(tiny_model) == before
 
 
 def test_bad_site_and_layer_messages(tiny_llama):
     from latentguard.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="Bad site 'resid.1'"):
-        with capture(tiny_llama, ["resid.1"]):
-            pass
-    with pytest.raises(ConfigError, match="Layer 7 is out of range for a model with 2 layers"):
-        with capture(tiny_llama, ["resid_post.7"]):
-            pass
+    with pytest.raises(ConfigError, match="Bad site 'resid.1'"), capture(tiny_llama, ["resid.1"]):
+        pass
+    with pytest.raises(ConfigError, match="Layer 7 is out of range for a model with 2 layers"), capture(tiny_llama, ["resid_post.7"]):
+        pass
     with capture(tiny_llama, ["resid_post.-1"]) as rec:
         assert list(rec) == ["resid_post.1"]
