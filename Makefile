@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow browser bench refs clean docs bench-all
+.PHONY: install demo test test-slow lint browser bench refs clean docs bench-all
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install browser
 
 test-slow: install browser
 	$(BIN)/python -m pytest -m slow
+
+# Style and types: ruff on src, tests and benchmarks, mypy on src (clean with ruff 0.17.6, mypy 2.4.1; newer releases may add rules).
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
 
 bench: install
 	for b in taps eval steer train lock; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
