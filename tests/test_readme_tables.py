@@ -1,6 +1,6 @@
 """The README's result tables are the files the commands wrote (issue 12): the reproduction table is
-results/embedded/results.md's, the benchmark table is `run_all.py --collect --markdown` over the
-committed records. Rerun a command and these fail until the README quotes its new output."""
+results/embedded/results.md's, the drift table the recipe's drift step's summary.md, the benchmark
+table is `run_all.py --collect --markdown` over the committed records. Rerun a command and these fail until the README quotes its new output."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def _tables(text: str) -> list[list[str]]:
 def test_the_reproduction_table_is_results_md() -> None:
     written = _tables((ROOT / "results/embedded/results.md").read_text())[0]  # the main table; attack matrices follow
     assert len(written) > 10
+    assert written in _tables((ROOT / "README.md").read_text())
+
+
+def test_the_drift_table_is_the_drift_steps_summary() -> None:
+    written = _tables((ROOT / "results/embedded/drift/summary.md").read_text())[0]
+    assert len(written) > 5
     assert written in _tables((ROOT / "README.md").read_text())
 
 
