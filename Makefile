@@ -62,7 +62,7 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# Reference models (aligned = smollm2-135m-safe, aligned-ift, aligned-harmfulft): ~40 CPU-minutes, resumable.
+# Reference models (aligned = smollm2-135m-safe, aligned-ift, aligned-harmfulft): 31–69 CPU-minutes (docs/training.md), resumable.
 refs: install
 	$(BIN)/latentguard reference build --out refs
 
